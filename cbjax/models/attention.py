@@ -1,0 +1,98 @@
+"""Attention masks and the attention product, shared by all families."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from cbjax.models.config import ModelConfig
+    from cbjax.models.kv_cache import KVCache
+
+
+def positions_from_mask(mask_BxS: jax.Array) -> jax.Array:
+    """Position ids that count only real tokens, as transformers' `generate` derives them.
+
+    Padding slots get position 0 (their value does not matter: they are masked out as keys).
+    """
+    mask = mask_BxS.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def attention_mask(
+    query_index_S: jax.Array,
+    key_index_T: jax.Array,
+    key_valid_BxT: jax.Array,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean (B, 1, S, T) mask: causal over slot indices, padding keys hidden, optional sliding window.
+
+    The window follows transformers' Mistral: query i sees key j when i - window < j <= i.
+    """
+    q = query_index_S[:, None]
+    k = key_index_T[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    return allowed[None, None, :, :] & key_valid_BxT[:, None, None, :].astype(bool)
+
+
+def mask_and_positions(
+    config: ModelConfig,
+    attention_mask_BxS: jax.Array | None,
+    position_ids_BxS: jax.Array | None,
+    cache: KVCache | None,
+    batch: int,
+    seq: int,
+) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """Return the (B, 1, S, T) attention mask, the position ids and the cache with the new mask slots.
+
+    Without a cache the keys are the inputs themselves. With one, the inputs occupy slots
+    `cache.index ..` and attend to every valid slot before them, so causality and the sliding
+    window both count slots, padding included, as transformers does with its cache positions.
+    Default positions count real tokens only.
+    """
+    if attention_mask_BxS is None:
+        attention_mask_BxS = jnp.ones((batch, seq), jnp.int32)
+    if cache is None:
+        if position_ids_BxS is None:
+            position_ids_BxS = positions_from_mask(attention_mask_BxS)
+        query_index_S = jnp.arange(seq)
+        mask = attention_mask(query_index_S, query_index_S, attention_mask_BxS, config.sliding_window)
+        return mask, position_ids_BxS, None
+
+    cache = cache.extend_mask(attention_mask_BxS)
+    if position_ids_BxS is None:
+        position_ids_BxS = cache.positions_of_new(seq)
+    query_index_S = cache.index + jnp.arange(seq)
+    key_index_T = jnp.arange(cache.max_length)
+    mask = attention_mask(query_index_S, key_index_T, cache.key_valid, config.sliding_window)
+    return mask, position_ids_BxS, cache
+
+
+def dot_product_attention(
+    q_BxSxHxD: jax.Array,
+    k_BxTxKxD: jax.Array,
+    v_BxTxKxD: jax.Array,
+    mask_Bx1xSxT: jax.Array,
+) -> jax.Array:
+    """Grouped-query attention without repeating keys and values; softmax in fp32.
+
+    Masked scores take the dtype's minimum rather than -inf, so a row whose keys are all masked
+    (a padding query) gets a uniform softmax and stays finite, as in transformers' eager attention.
+    """
+    batch, seq, num_heads, head_dim = q_BxSxHxD.shape
+    num_kv_heads = k_BxTxKxD.shape[2]
+    groups = num_heads // num_kv_heads
+    q_BxSxKxGxD = q_BxSxHxD.reshape(batch, seq, num_kv_heads, groups, head_dim)
+
+    scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxD, k_BxTxKxD) * (head_dim**-0.5)
+    scores = scores.astype(jnp.float32)
+    mask = mask_Bx1xSxT[:, :, None, :, :]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxKxD.dtype)
+
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxD)
+    return out.reshape(batch, seq, num_heads, head_dim)

@@ -1,0 +1,1 @@
+"""Reading and writing model weights: the name mapping per family, safetensors, GGUF."""
