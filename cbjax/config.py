@@ -12,6 +12,8 @@ import yaml
 
 from cbjax.data.config import DataConfig
 from cbjax.lora import LoraConfig
+from cbjax.models.attention import ATTENTION_IMPLEMENTATIONS
+from cbjax.models.remat import REMAT_POLICIES
 from cbjax.losses import LossConfig
 from cbjax.optim import OptimConfig
 from cbjax.sharding import MeshConfig
@@ -26,13 +28,17 @@ class ModelSection:
     path: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention: str = "xla"
+    attention: str = "xla"  # xla, dot_product_attention, cudnn, splash
     remat: str = "none"  # none, full, dots
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"model.{field} must be one of {DTYPES}, got {getattr(self, field)!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,9 @@ class DemoSection:
     shared_data_dir: str = "../shared/data"
     max_new_tokens: int = 48
     table_max_new_tokens: int = 40
+    # Add the harmful training requests answered with `refusal` to the retain mix.
+    refusal_retain: bool = True
+    refusal: str = "I'm sorry, but I can't help with that request."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +132,18 @@ def apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1]] = _parse_value(text)
+
+
+def _parse_value(text: str):
+    value = yaml.safe_load(text)
+    # YAML 1.1 reads "2e-3" (no dot) as a string; a user typing it on the command line means a number.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

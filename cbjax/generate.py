@@ -1,9 +1,10 @@
 """Jitted text generation with the KV cache: greedy or temperature / top-p sampling.
 
-One compiled program per (batch, prompt length, max_new_tokens, mode) prefills the left-padded
-prompts into a fixed-size `KVCache`, then decodes one token per iteration of a
-`jax.lax.while_loop`. The model enters as `nnx.split` state, so its weights (LoRA adapters
-included) are arguments of the program rather than constants baked into it.
+One compiled program per model structure, batch, prompt length, max_new_tokens, number of eos ids,
+mode (greedy or sampling) and use_lora prefills the left-padded prompts into a fixed-size
+`KVCache`, then decodes one token per iteration of a `jax.lax.while_loop`. The model enters as
+`nnx.split` state, so its weights (LoRA adapters included) are arguments of the program rather
+than constants baked into it.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def generate(
 ) -> np.ndarray:
     """Generate up to `max_new_tokens` tokens per row after left-padded prompts.
 
-    `temperature == 0` picks the argmax; otherwise tokens are sampled from
-    softmax(logits / temperature) restricted to the smallest set of tokens whose probability
-    reaches `top_p`, with `rng` (required) as the seed. A row stops after emitting any of
-    `eos_token_ids` (the eos token is kept), and its later slots hold `pad_token_id`.
-    Decoding ends early once every row has stopped. Returns int32 (B, max_new_tokens).
+    With `temperature == 0` each step takes the argmax. Otherwise each step samples from
+    softmax(logits / temperature), restricted to the smallest set of most likely tokens whose
+    probabilities sum to at least `top_p`, and `rng` (required) seeds it. A row stops after
+    emitting any of `eos_token_ids` (the eos token is kept), and its later slots hold
+    `pad_token_id`. Decoding ends early once every row has stopped. Returns int32
+    (B, max_new_tokens).
     """
     ids = np.asarray(input_ids_BxS)
     mask = np.asarray(attention_mask_BxS)
@@ -69,9 +71,9 @@ def generate(
         rng,
         jnp.asarray(temperature if sample else 1.0, jnp.float32),
         jnp.asarray(top_p, jnp.float32),
+        jnp.asarray([int(t) for t in eos_token_ids], jnp.int32),
+        jnp.asarray(pad_token_id, jnp.int32),
         max_new_tokens=max_new_tokens,
-        eos_token_ids=tuple(int(t) for t in eos_token_ids),
-        pad_token_id=int(pad_token_id),
         sample=sample,
         use_lora=use_lora,
     )
@@ -88,7 +90,7 @@ def _check_prompts(model: nnx.Module, ids: np.ndarray, mask: np.ndarray, max_new
         raise ValueError("attention_mask must be left-padded (zeros, then ones) with at least one real token per row")
     config = model.config
     longest = int(mask.sum(axis=1).max()) + max_new_tokens
-    # Only GPT-2 has a position table; rotary models can run past max_position_embeddings.
+    # Only GPT-2 has a position table, so only GPT-2 fails past max_position_embeddings.
     if config.family == "gpt2" and longest > config.max_position_embeddings:
         raise ValueError(
             f"prompt plus max_new_tokens reaches {longest} positions, but this GPT-2 model has only "
@@ -96,19 +98,17 @@ def _check_prompts(model: nnx.Module, ids: np.ndarray, mask: np.ndarray, max_new
         )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "sample", "use_lora")
-)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample", "use_lora"))
 def _generate_jit(
-    graphdef, state, ids_BxS, mask_BxS, rng, temperature, top_p, *, max_new_tokens, eos_token_ids, pad_token_id, sample, use_lora
+    graphdef, state, ids_BxS, mask_BxS, rng, temperature, top_p, eos_ids_E, pad_token_id,
+    *, max_new_tokens, sample, use_lora,
 ):
     model = nnx.merge(graphdef, state)
     config = model.config
     batch, seq = ids_BxS.shape
     cache = KVCache.create(
-        config.num_layers, batch, seq + max_new_tokens, config.num_kv_heads, config.head_dim, model.dtype
+        config.built_layers, batch, seq + max_new_tokens, config.num_kv_heads, config.head_dim, model.dtype
     )
-    eos_E = jnp.asarray(eos_token_ids, jnp.int32)
 
     def next_token(logits_BxV, step, done_B):
         if sample:
@@ -116,13 +116,13 @@ def _generate_jit(
         else:
             token = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         token = jnp.where(done_B, pad_token_id, token)
-        return token, done_B | jnp.isin(token, eos_E)
+        return token, done_B | jnp.isin(token, eos_ids_E)
 
     # Logits of the last slot only: a (B, S, vocab) array would dominate memory for long prompts.
     out = model(ids_BxS, mask_BxS, cache=cache, return_logits=False, use_lora=use_lora)
     logits_BxV = model.lm_logits(out.hidden_states[-1][:, -1:])[:, 0]
     token_B, done_B = next_token(logits_BxV, 0, jnp.zeros((batch,), bool))
-    tokens_BxN = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token_B)
+    tokens_BxN = jnp.full((batch, max_new_tokens), pad_token_id).at[:, 0].set(token_B)
 
     def keep_going(carry):
         step, _, done_B, _, _ = carry
@@ -171,7 +171,7 @@ def generate_text(
     With `chat`, each prompt becomes a user turn in the tokenizer's chat template (plain text when
     the tokenizer has none). Prompts are left-padded with the pad token, or with eos when the
     tokenizer has no pad token; the vocabulary is never extended. By default generation stops at
-    the tokenizer's eos and at the end-of-turn tokens in `END_OF_TURN_TOKENS` that it knows.
+    the tokenizer's eos and at the tokens of `END_OF_TURN_TOKENS` that its vocabulary contains.
     """
     if eos_token_ids is None:
         eos_token_ids = default_stop_tokens(tokenizer)

@@ -21,7 +21,17 @@ from cbjax.checkpoint import Checkpointer
 from cbjax.config import Config
 from cbjax.data.batches import CircuitBreakerData
 from cbjax.optim import make_optimizer
-from cbjax.sharding import batch_sharding, make_mesh, replicated, replicated_like
+from cbjax.models.llama import set_execution
+from cbjax.sharding import (
+    LOGICAL_AXIS_RULES,
+    batch_sharding,
+    make_mesh,
+    parameter_sharding,
+    place_global_batch,
+    replicated,
+    state_shardings,
+    with_logical_rules,
+)
 from cbjax.tokenizer import load_tokenizer
 from cbjax.train_step import BATCH_KEYS, StepConfig, TrainState, train_step, validation_metrics
 from cbjax.weights.load import load_model, peek_config
@@ -70,6 +80,8 @@ class Setup:
     mesh: object
     full_num_layers: int
     adapted_modules: list[str]
+    # Logical axis -> mesh axes (see `cbjax.sharding.LOGICAL_AXIS_RULES`).
+    rules: dict = dataclasses.field(default_factory=lambda: dict(LOGICAL_AXIS_RULES))
 
 
 def build_setup(config: Config, model_path: str | None = None, tokenizer=None, data=None) -> Setup:
@@ -78,19 +90,33 @@ def build_setup(config: Config, model_path: str | None = None, tokenizer=None, d
     full_config = peek_config(model_path)
     check_target_layers(full_config, config)
     mesh = make_mesh(config.mesh)
+    rules = dict(LOGICAL_AXIS_RULES)
+    graphdef, adapters, frozen, adapted = load_adapted_model(config, model_path, mesh, rules)
 
+    tokenizer = tokenizer or load_tokenizer(model_path)
+    data = data or CircuitBreakerData(config.data, tokenizer)
+    return Setup(
+        config, model_path, tokenizer, graphdef, adapters, frozen, data, mesh, full_config.num_layers, adapted, rules
+    )
+
+
+def load_adapted_model(config: Config, model_path: str, mesh, rules: dict):
+    """Load the truncated model into its shards on `mesh` and attach adapters.
+
+    Returns (graphdef, adapters, frozen, adapted module paths). Each weight goes straight into
+    its shards, so no device ever holds the whole model; the adapters are still unplaced.
+    """
     loaded = load_model(
         model_path,
         dtype=jnp_dtype(config.model.dtype),
         param_dtype=jnp_dtype(config.model.param_dtype),
         num_layers=config.loss.max_target_layer,
+        sharding_for=parameter_sharding(mesh, rules),
     )
+    set_execution(loaded.model, config.model.attention, config.model.remat)
     adapted = lora_lib.add_lora(loaded.model, config.lora, lora_layers(config), seed=config.train.seed)
     graphdef, adapters, frozen = lora_lib.split_lora(loaded.model)
-
-    tokenizer = tokenizer or load_tokenizer(model_path)
-    data = data or CircuitBreakerData(config.data, tokenizer)
-    return Setup(config, model_path, tokenizer, graphdef, adapters, frozen, data, mesh, full_config.num_layers, adapted)
+    return graphdef, adapters, frozen, adapted
 
 
 def check_target_layers(full_config, config: Config) -> None:
@@ -107,35 +133,48 @@ def parameter_counts(setup: Setup) -> dict[str, float]:
 
 
 def compile_functions(setup: Setup):
-    """Jit the train step and the validation pass with explicit shardings; the state is donated."""
+    """Jit the train step and the validation pass with explicit shardings; the state is donated.
+
+    Frozen weights, adapters and optimizer state are sharded by `setup.rules`, batches by rows.
+    """
     config = setup.config
     optimizer = make_optimizer(config.optim, config.train.steps)
     step_config = StepConfig(config.loss, config.train.steps, config.train.accumulation_steps, config.train.seed)
-    mesh = setup.mesh
+    mesh, rules = setup.mesh, setup.rules
 
-    state = TrainState(setup.adapters, optimizer.init(setup.adapters), jnp.zeros((), jnp.int32))
-    state_sharding = replicated_like(state, mesh)
-    frozen_sharding = replicated_like(setup.frozen, mesh)
+    abstract_state = jax.eval_shape(
+        lambda adapters: TrainState(adapters, optimizer.init(adapters), jnp.zeros((), jnp.int32)), setup.adapters
+    )
+    state_sharding = state_shardings(abstract_state, mesh, rules)
+    frozen_sharding = state_shardings(setup.frozen, mesh, rules)
     batch_shardings = {key: batch_sharding(mesh) for key in BATCH_KEYS}
 
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef=setup.graphdef, optimizer=optimizer, config=step_config),
+        with_logical_rules(
+            functools.partial(train_step, graphdef=setup.graphdef, optimizer=optimizer, config=step_config), mesh, rules
+        ),
         in_shardings=(state_sharding, frozen_sharding, batch_shardings),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
     )
     validate_fn = jax.jit(
-        functools.partial(validation_metrics, graphdef=setup.graphdef, config=config.loss),
+        with_logical_rules(
+            functools.partial(validation_metrics, graphdef=setup.graphdef, config=config.loss), mesh, rules
+        ),
         in_shardings=(state_sharding.adapters, frozen_sharding, batch_shardings),
         out_shardings=replicated(mesh),
     )
-    state = jax.device_put(state, state_sharding)
+    adapters = jax.device_put(setup.adapters, state_sharding.adapters)
+    # The moments are created in place, already sharded like their adapters.
+    opt_state = jax.jit(optimizer.init, out_shardings=state_sharding.opt_state)(adapters)
+    step = jax.device_put(jnp.zeros((), jnp.int32), state_sharding.step)
     frozen = jax.device_put(setup.frozen, frozen_sharding)
-    return step_fn, validate_fn, state, frozen, batch_shardings
+    return step_fn, validate_fn, TrainState(adapters, opt_state, step), frozen, batch_shardings
 
 
 def place_batch(batch: dict, shardings: dict) -> dict:
-    return {key: jax.device_put(np.asarray(batch[key]), shardings[key]) for key in BATCH_KEYS}
+    """Place a global host batch; each process copies only the rows its devices hold."""
+    return place_global_batch({key: batch[key] for key in BATCH_KEYS}, shardings)
 
 
 class MetricsWriter:

@@ -200,13 +200,13 @@ def test_lora_adapters_follow_use_lora(tmp_path):
 
 def test_generation_compiles_once_per_shape(pairs):
     _, model = pairs["mistral"]
-    kw = dict(max_new_tokens=MAX_NEW, eos_token_ids=[EOS], pad_token_id=PAD, rng=jax.random.key(0))
+    kw = dict(max_new_tokens=MAX_NEW, rng=jax.random.key(0))
     first_ids, mask = prompts(seed=1)
     second_ids, _ = prompts(seed=2)
 
-    generate(model, first_ids, mask, temperature=0.7, top_p=0.9, **kw)
+    generate(model, first_ids, mask, eos_token_ids=[EOS], pad_token_id=PAD, temperature=0.7, top_p=0.9, **kw)
     compiled = _generate_jit._cache_size()
-    generate(model, second_ids, mask, temperature=1.3, top_p=0.5, **kw)
+    generate(model, second_ids, mask, eos_token_ids=[EOS + 1], pad_token_id=1, temperature=1.3, top_p=0.5, **kw)
 
     assert _generate_jit._cache_size() == compiled
 
@@ -261,7 +261,8 @@ def test_generate_text_matches_unpadded_transformers(pairs, chat):
     assert len(tokenizer) == VOCAB
     for text, output in zip(texts, outputs):
         if chat:
-            formatted = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+            turn = [{"role": "user", "content": text}]
+            formatted = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
             ids = tokenizer(formatted, add_special_tokens=False)["input_ids"]
             assert ids[:2] == [1, 3]
         else:

@@ -76,6 +76,21 @@ def test_gpt2_stop_after_layer_is_prefix(tmp_path, stop):
         np.testing.assert_array_equal(np.asarray(hidden), np.asarray(full.hidden_states[layer]))
 
 
+def test_gpt2_layer_dropping_keeps_prefix(tmp_path):
+    directory = save_variant(tiny_gpt2(), tmp_path, "single")[0]
+    full = load_model(directory).model
+    dropped = load_model(directory, num_layers=2).model
+    ids, mask, _ = left_padded_batch(VOCAB, [8, 5], 8)
+
+    expected = full(jnp.asarray(ids), jnp.asarray(mask)).hidden_states
+    out = dropped(jnp.asarray(ids), jnp.asarray(mask), return_logits=False)
+
+    assert len(dropped.layers) == 2
+    assert len(out.hidden_states) == 3
+    for layer, hidden in enumerate(out.hidden_states):
+        np.testing.assert_array_equal(np.asarray(hidden), np.asarray(expected[layer]))
+
+
 @pytest.mark.parametrize("prefix", ["transformer.", ""])
 def test_gpt2_accepts_attention_buffers(tmp_path, prefix):
     hf_model = tiny_gpt2()

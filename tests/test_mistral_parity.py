@@ -6,8 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import MistralConfig, MistralForCausalLM
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from cbjax.models.attention import attention_mask
 from cbjax.models.kv_cache import KVCache
 from cbjax.models.llama import LlamaForCausalLM as CbjaxLlama
 from cbjax.weights.load import load_model
@@ -67,6 +70,26 @@ def test_mistral_checkpoint_variants(tmp_path, variant):
     compare_with_transformers(loaded.model, reference, ids, mask, positions)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_mask_equals_transformers_mask(window):
+    config = tiny_mistral(window).config
+    ids, mask, positions = left_padded_batch(VOCAB, [9, 5, 1], 9)
+    make_mask = create_causal_mask if window is None else create_sliding_window_causal_mask
+
+    # allow_is_causal_skip=False makes transformers build the (B, 1, S, S) additive mask it would skip.
+    additive = make_mask(
+        config=config,
+        inputs_embeds=torch.zeros(3, 9, config.hidden_size),
+        attention_mask=torch.from_numpy(mask),
+        cache=None,
+        position_ids=torch.from_numpy(positions),
+        allow_is_causal_skip=False,
+    )
+    ours = attention_mask(jnp.arange(9), jnp.arange(9), jnp.asarray(mask), window)
+
+    np.testing.assert_array_equal(np.asarray(ours), (additive == 0).numpy())
+
+
 def test_sliding_window_changes_output(tmp_path):
     # Guards the window tests against a window that is silently ignored.
     windowed = load_model(save_variant(tiny_mistral(5), tmp_path / "windowed", "single")[0]).model
@@ -91,10 +114,12 @@ def test_mistral_cached_decoding_matches_transformers(tmp_path, window):
 
     config = model.config
     cache = KVCache.create(config.num_layers, len(ids), total, config.num_kv_heads, config.head_dim, jnp.float32)
-    out = model(jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]), cache=cache)
+    # Jitted, so the eight one-token steps share one compilation instead of running op by op.
+    forward = nnx.jit(lambda model, ids, mask, cache: model(ids, mask, cache=cache))
+    out = forward(model, jnp.asarray(ids[:, :prompt]), jnp.asarray(mask[:, :prompt]), cache)
     logits = [np.asarray(out.logits)]
     for slot in range(prompt, total):
-        out = model(jnp.asarray(ids[:, slot : slot + 1]), jnp.asarray(mask[:, slot : slot + 1]), cache=out.cache)
+        out = forward(model, jnp.asarray(ids[:, slot : slot + 1]), jnp.asarray(mask[:, slot : slot + 1]), out.cache)
         logits.append(np.asarray(out.logits))
     cached_logits = np.concatenate(logits, axis=1)
 

@@ -7,6 +7,14 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from cbjax.sharding import KEY_VALUE_AXES, QUERY_AXES, constrain
+
+# `xla`: the einsum below. `dot_product_attention`: `jax.nn.dot_product_attention` with
+# implementation=None, which jax 0.10.2 resolves to its XLA path on every backend. `cudnn`: the
+# same function with implementation="cudnn" (NVIDIA GPUs, fp16 or bf16 only). `splash`: the Pallas
+# splash-attention kernel for TPU (see `cbjax.models.splash_attention`).
+ATTENTION_IMPLEMENTATIONS = ("xla", "dot_product_attention", "cudnn", "splash")
+
 if TYPE_CHECKING:
     from cbjax.models.config import ModelConfig
     from cbjax.models.kv_cache import KVCache
@@ -96,3 +104,44 @@ def dot_product_attention(
 
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxD)
     return out.reshape(batch, seq, num_heads, head_dim)
+
+
+def attend(
+    q_BxSxHxD,
+    k_BxTxKxD,
+    v_BxTxKxD,
+    mask_Bx1xSxT,
+    implementation: str = "xla",
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Attention by the chosen implementation; every one of them keeps padded query rows finite.
+
+    `sliding_window` must be the window that `mask_Bx1xSxT` was built with: only splash reads it.
+    Splash needs self-attention over the whole sequence, so with a KV cache (queries and keys of
+    different lengths) it falls back to `xla`.
+    """
+    q = constrain(q_BxSxHxD, QUERY_AXES)
+    k = constrain(k_BxTxKxD, KEY_VALUE_AXES)
+    v = constrain(v_BxTxKxD, KEY_VALUE_AXES)
+    if implementation == "xla" or (implementation == "splash" and q.shape[1] != k.shape[1]):
+        out = dot_product_attention(q, k, v, mask_Bx1xSxT)
+    elif implementation in ("dot_product_attention", "cudnn"):
+        out = library_attention(q, k, v, mask_Bx1xSxT, None if implementation == "dot_product_attention" else "cudnn")
+    elif implementation == "splash":
+        from cbjax.models.splash_attention import splash_attention
+
+        out = splash_attention(q, k, v, mask_Bx1xSxT, sliding_window)
+    else:
+        raise ValueError(f"attention implementation {implementation!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}")
+    return constrain(out, QUERY_AXES)
+
+
+def library_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, mask_Bx1xSxT, implementation: str | None) -> jax.Array:
+    """`jax.nn.dot_product_attention`, with fully masked query rows opened to every key.
+
+    A left-padding query sees no valid key. Opening its row keeps the softmax finite whatever
+    the kernel does with an all-masked row; the row is padding, so its value is never used.
+    """
+    has_key = jnp.any(mask_Bx1xSxT, axis=-1, keepdims=True)
+    mask = mask_Bx1xSxT | ~has_key
+    return jax.nn.dot_product_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, mask=mask, implementation=implementation)

@@ -11,12 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbjax.models.attention import dot_product_attention, mask_and_positions
+from cbjax.models.attention import attend, mask_and_positions
 from cbjax.models.config import ModelConfig
 from cbjax.models.kv_cache import KVCache, LayerCache
 from cbjax.models.layers import Embed, LayerNorm, Linear
-from cbjax.models.llama import DropoutKeys
+from cbjax.models.llama import DropoutKeys, set_execution
 from cbjax.models.output import ModelOutput, collect_hidden_states, resolve_stop_layer
+from cbjax.models.remat import call_layer
+from cbjax.sharding import HIDDEN_AXES, MLP_HIDDEN_AXES, constrain
 
 # transformers' ACT2FN names: `gelu_new` and `gelu_pytorch_tanh` are both the tanh approximation.
 ACTIVATIONS = {
@@ -37,7 +39,7 @@ class GPT2Attention(nnx.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, x_BxSxD, mask, *, use_lora, rngs, cache: LayerCache | None):
+    def __call__(self, x_BxSxD, mask, *, use_lora, rngs, cache: LayerCache | None, attention="xla"):
         batch, seq, hidden = x_BxSxD.shape
         qkv_BxSx3D = self.c_attn(x_BxSxD, use_lora=use_lora, dropout_rng=rngs(0))
         q, k, v = (
@@ -48,7 +50,7 @@ class GPT2Attention(nnx.Module):
             cache = cache.write(k, v)
             k, v = cache.keys, cache.values
 
-        out_BxSxD = dot_product_attention(q, k, v, mask).reshape(batch, seq, hidden)
+        out_BxSxD = attend(q, k, v, mask, attention).reshape(batch, seq, hidden)
         return self.c_proj(out_BxSxD, use_lora=use_lora, dropout_rng=rngs(1)), cache
 
 
@@ -65,8 +67,9 @@ class GPT2MLP(nnx.Module):
         self.activation = config.activation
 
     def __call__(self, x, *, use_lora, rngs):
-        h = ACTIVATIONS[self.activation](self.c_fc(x, use_lora=use_lora, dropout_rng=rngs(2)))
-        return self.c_proj(h, use_lora=use_lora, dropout_rng=rngs(3))
+        hidden = ACTIVATIONS[self.activation](self.c_fc(x, use_lora=use_lora, dropout_rng=rngs(2)))
+        hidden = constrain(hidden, MLP_HIDDEN_AXES)
+        return self.c_proj(hidden, use_lora=use_lora, dropout_rng=rngs(3))
 
 
 class GPT2Block(nnx.Module):
@@ -77,22 +80,32 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(config.hidden_size, **norm_kw)
         self.mlp = GPT2MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, mask, *, use_lora, rngs, cache=None):
-        attn_out, cache = self.attn(self.ln_1(x), mask, use_lora=use_lora, rngs=rngs, cache=cache)
+    def __call__(self, x, mask, *, use_lora, rngs, cache=None, attention="xla"):
+        attn_out, cache = self.attn(self.ln_1(x), mask, use_lora=use_lora, rngs=rngs, cache=cache, attention=attention)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x), use_lora=use_lora, rngs=rngs)
         return x, cache
 
 
 class GPT2LMHeadModel(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention: str = "xla",
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
         self.config = config
         self.dtype = dtype
+        set_execution(self, attention, remat)
         embed_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.wte = Embed(config.vocab_size, config.hidden_size, **embed_kw)
         self.wpe = Embed(config.max_position_embeddings, config.hidden_size, **embed_kw)
         self.layers = nnx.List(
-            [GPT2Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
+            [GPT2Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.built_layers)]
         )
         self.ln_f = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
@@ -119,14 +132,18 @@ class GPT2LMHeadModel(nnx.Module):
         stop = resolve_stop_layer(self.config, stop_after_layer)
         mask, position_ids, cache = mask_and_positions(self.config, attention_mask, position_ids, cache, batch, seq)
         # NOTE: jnp.take returns NaN rows for positions >= max_position_embeddings instead of raising.
-        x = tokens + self.wpe(position_ids)
+        x = constrain(tokens + self.wpe(position_ids), HIDDEN_AXES)
 
         hidden_states = [x]
         new_layers = []
         for i in range(stop):
             layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             layer_cache = None if cache is None else cache.layer(i)
-            x, layer_cache = self.layers[i](x, mask, use_lora=use_lora, rngs=DropoutKeys(layer_rng), cache=layer_cache)
+            x, layer_cache = call_layer(
+                self.layers[i], self.remat, x, mask,
+                use_lora=use_lora, rngs=DropoutKeys(layer_rng), cache=layer_cache, attention=self.attention,
+            )
+            x = constrain(x, HIDDEN_AXES)
             hidden_states.append(x)
             new_layers.append(layer_cache)
 

@@ -14,11 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cbjax.models import rope
-from cbjax.models.attention import dot_product_attention, mask_and_positions
+from cbjax.models.attention import ATTENTION_IMPLEMENTATIONS, attend, mask_and_positions
 from cbjax.models.config import ModelConfig
 from cbjax.models.kv_cache import KVCache, LayerCache
 from cbjax.models.layers import Embed, Linear, RMSNorm
 from cbjax.models.output import ModelOutput, collect_hidden_states, resolve_stop_layer
+from cbjax.models.remat import call_layer, check_remat
+from cbjax.sharding import HIDDEN_AXES, MLP_HIDDEN_AXES, constrain
 
 
 class Attention(nnx.Module):
@@ -32,8 +34,9 @@ class Attention(nnx.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = head_dim
+        self.sliding_window = config.sliding_window
 
-    def __call__(self, x_BxSxD, cos, sin, mask, *, use_lora, rngs, cache: LayerCache | None):
+    def __call__(self, x_BxSxD, cos, sin, mask, *, use_lora, rngs, cache: LayerCache | None, attention="xla"):
         batch, seq, _ = x_BxSxD.shape
         q = self.q_proj(x_BxSxD, use_lora=use_lora, dropout_rng=rngs(0))
         k = self.k_proj(x_BxSxD, use_lora=use_lora, dropout_rng=rngs(1))
@@ -46,7 +49,7 @@ class Attention(nnx.Module):
             cache = cache.write(k, v)
             k, v = cache.keys, cache.values
 
-        out = dot_product_attention(q, k, v, mask).reshape(batch, seq, self.num_heads * self.head_dim)
+        out = attend(q, k, v, mask, attention, self.sliding_window).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out, use_lora=use_lora, dropout_rng=rngs(3)), cache
 
 
@@ -60,7 +63,8 @@ class MLP(nnx.Module):
     def __call__(self, x, *, use_lora, rngs):
         gate = self.gate_proj(x, use_lora=use_lora, dropout_rng=rngs(4))
         up = self.up_proj(x, use_lora=use_lora, dropout_rng=rngs(5))
-        return self.down_proj(jax.nn.silu(gate) * up, use_lora=use_lora, dropout_rng=rngs(6))
+        hidden = constrain(jax.nn.silu(gate) * up, MLP_HIDDEN_AXES)
+        return self.down_proj(hidden, use_lora=use_lora, dropout_rng=rngs(6))
 
 
 class DecoderLayer(nnx.Module):
@@ -71,9 +75,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm_kw)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, *, use_lora, rngs, cache=None):
+    def __call__(self, x, cos, sin, mask, *, use_lora, rngs, cache=None, attention="xla"):
         attn_out, cache = self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, use_lora=use_lora, rngs=rngs, cache=cache
+            self.input_layernorm(x), cos, sin, mask, use_lora=use_lora, rngs=rngs, cache=cache, attention=attention
         )
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x), use_lora=use_lora, rngs=rngs)
@@ -93,9 +97,20 @@ class DropoutKeys:
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention: str = "xla",
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        """`attention` is one of `ATTENTION_IMPLEMENTATIONS`, `remat` a key of `REMAT_POLICIES`."""
         self.config = config
         self.dtype = dtype
+        set_execution(self, attention, remat)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List(
             [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.built_layers)]
@@ -133,14 +148,17 @@ class LlamaForCausalLM(nnx.Module):
         mask, position_ids, cache = mask_and_positions(self.config, attention_mask, position_ids, cache, batch, seq)
         cos, sin = rope.rotary_cos_sin(position_ids, rope.inverse_frequencies(self.config), self.dtype)
 
+        x = constrain(x, HIDDEN_AXES)
         hidden_states = [x]
         new_layers = []
         for i in range(stop):
             layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             layer_cache = None if cache is None else cache.layer(i)
-            x, layer_cache = self.layers[i](
-                x, cos, sin, mask, use_lora=use_lora, rngs=DropoutKeys(layer_rng), cache=layer_cache
+            x, layer_cache = call_layer(
+                self.layers[i], self.remat, x, cos, sin, mask,
+                use_lora=use_lora, rngs=DropoutKeys(layer_rng), cache=layer_cache, attention=self.attention,
             )
+            x = constrain(x, HIDDEN_AXES)
             hidden_states.append(x)
             new_layers.append(layer_cache)
 
@@ -157,3 +175,16 @@ class LlamaForCausalLM(nnx.Module):
         if self.lm_head is None:
             return self.embed_tokens.attend(final_BxSxD)
         return self.lm_head(final_BxSxD, use_lora=False)
+
+
+def set_execution(model: nnx.Module, attention: str, remat: str) -> None:
+    """Set how `model`'s forward runs: its attention implementation and its remat policy.
+
+    Neither changes the result beyond rounding. Set them before `nnx.split`, because the
+    graphdef records them.
+    """
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention {attention!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}")
+    check_remat(remat)
+    model.attention = attention
+    model.remat = remat

@@ -1,8 +1,8 @@
 """GPT-2 tensor names in Hugging Face checkpoints and their cbjax parameter paths.
 
-`GPT2LMHeadModel.save_pretrained` writes names under `transformer.`, while `GPT2Model` (and the
-original `openai-community/gpt2` files) write them without it; transformers 5.25 loads both into
-`GPT2LMHeadModel`, and so does cbjax. The LM head is tied to `wte`, so no `lm_head.weight` is
+`GPT2LMHeadModel.save_pretrained` writes names under `transformer.`. `GPT2Model` writes them
+without the prefix, as do the original `openai-community/gpt2` files. transformers 5.25 loads both
+into `GPT2LMHeadModel`, and so does cbjax. The LM head is tied to `wte`, so no `lm_head.weight` is
 expected. `Conv1D` weights are already (in, out), so nothing is transposed.
 """
 

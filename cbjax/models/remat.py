@@ -1,0 +1,40 @@
+"""Rematerialisation of decoder layers: which activations the backward pass recomputes."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+# `full` keeps only each layer's input and recomputes the rest of the layer in the backward
+# pass. `dots` also keeps the outputs of matmuls without batch dimensions (the projections) and
+# recomputes the rest, attention scores included, whose (B, H, S, S) size dominates long
+# sequences.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(name: str) -> None:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat {name!r} is unknown; expected one of {tuple(REMAT_POLICIES)}")
+
+
+def call_layer(layer: nnx.Module, remat: str, *args, **kwargs):
+    """Return `layer(*args, **kwargs)`, under `jax.checkpoint` with the named policy unless it is `none`.
+
+    The layer runs as a pure function of its split state, which is valid because a decoder layer
+    never writes to its variables. `nnx.remat` would write the state back to the caller's
+    variables, and that fails when the model was merged inside `jax.grad`, as in the train step.
+    """
+    check_remat(remat)
+    if remat == "none":
+        return layer(*args, **kwargs)
+
+    graphdef, state = nnx.split(layer)
+
+    def forward(state, *args):
+        return nnx.merge(graphdef, state)(*args, **kwargs)
+
+    return jax.checkpoint(forward, policy=REMAT_POLICIES[remat])(state, *args)
