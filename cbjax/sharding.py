@@ -23,9 +23,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical dimension -> mesh axes. Weights are split over `fsdp` along the model width and over
-# `tensor` along heads, MLP width and vocabulary (Megatron-style column and row parallel layers);
-# activations are split over the batch only. GPT-2's fused q|k|v output stays whole, because
-# shards of it would cut across the split into q, k and v.
+# `tensor` along heads and MLP width (Megatron-style column and row parallel layers); activations
+# are split over the batch only. Embedding tables (vocabulary and position rows) are split along
+# their rows over both axes, because a lookup in a table split along its width yields width-split
+# activations that XLA can only turn into batch-split ones by gathering them whole. GPT-2's fused
+# q|k|v output stays whole, because shards of it would cut across the split into q, k and v.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES,
     "sequence": (),
@@ -34,9 +36,9 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
-    "vocab": ("tensor",),
+    "vocab": ("tensor", "fsdp"),
     "fused_qkv": (),
-    "positions": (),
+    "positions": ("tensor", "fsdp"),
     "norm": (),
     "lora_rank": (),
 }

@@ -1,12 +1,13 @@
-"""Sharded train steps on CPU devices, run in a fresh process by tests/test_sharding.py.
+"""Sharded train steps on CPU devices, run in fresh processes by tests/test_sharding.py.
 
-`python -m tests.sharding_worker main OUT` builds tiny Llama, Mistral and GPT-2 checkpoints in
-OUT, runs the trainer's jitted step on a single device and on several 8-device meshes, saves
-and restores a checkpoint across meshes, and writes the differences to OUT/main.json.
-`python -m tests.sharding_worker distributed OUT PROCESS_ID PORT` is one of two processes with
-4 devices each that repeat one Llama case through `jax.distributed` on 127.0.0.1 and write
-OUT/distributed.json (process 0). The device count must be set before jax starts its backend,
-which only a fresh process guarantees.
+`python -m tests.sharding_worker meshes OUT NAME FAMILY... [--splash]` runs the trainer's jitted
+step for each family (llama, mistral, gpt2; checkpoints saved under OUT/models by the test) on a
+single device and on several 8-device meshes, and writes the differences to OUT/NAME.json. With
+llama it also saves and restores a checkpoint across meshes; --splash adds sharded splash
+attention. `python -m tests.sharding_worker distributed OUT PROCESS_ID PORT` is one of two
+processes with 4 devices each that repeat the Llama case on one mesh through `jax.distributed`
+on 127.0.0.1 and write OUT/distributed.json (process 0). The device count must be set before
+jax starts its backend, which only a fresh process guarantees.
 """
 
 from __future__ import annotations
@@ -19,30 +20,32 @@ from pathlib import Path
 import jax
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8))
-FAMILIES = ("llama", "mistral", "gpt2")
-# Llama runs with gradient accumulation and a different remat policy per mesh, so the same
-# comparisons also show that remat and accumulation leave the step unchanged under sharding.
-LLAMA_REMAT = {(8, 1, 1): "none", (2, 4, 1): "full", (2, 2, 2): "dots", (1, 1, 8): "none"}
+# Each family runs a different remat policy per mesh, and Llama runs with gradient accumulation,
+# so the same comparisons show that remat and accumulation leave the sharded step unchanged.
+REMAT = {
+    "llama": {(8, 1, 1): "none", (2, 4, 1): "full", (2, 2, 2): "dots", (1, 1, 8): "none"},
+    "mistral": {(8, 1, 1): "dots", (2, 4, 1): "full", (2, 2, 2): "none", (1, 1, 8): "none"},
+    "gpt2": {(8, 1, 1): "none", (2, 4, 1): "none", (2, 2, 2): "dots", (1, 1, 8): "full"},
+}
 DISTRIBUTED_MESH = (2, 2, 2)
 STEPS = 2
+TARGET_LAYERS = (1,)
 
 
 def mesh_name(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def save_tiny_checkpoints(directory: Path) -> dict[str, str]:
+def save_tiny_checkpoints(directory: Path) -> None:
+    """Save the tiny random transformers models that every worker loads."""
     from tests.hf_reference import save_tiny_model
     from tests.test_gpt2_parity import tiny_gpt2
     from tests.test_llama_parity import tiny_llama
     from tests.test_mistral_parity import tiny_mistral
 
-    models = {
-        "llama": tiny_llama(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
-        "mistral": tiny_mistral(5),
-        "gpt2": tiny_gpt2(),
-    }
-    return {family: save_tiny_model(model, directory / family) for family, model in models.items()}
+    save_tiny_model(tiny_llama(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False), directory / "llama")
+    save_tiny_model(tiny_mistral(5), directory / "mistral")
+    save_tiny_model(tiny_gpt2(), directory / "gpt2")
 
 
 def make_config(family: str, path: str, mesh_shape, remat: str = "none"):
@@ -55,7 +58,7 @@ def make_config(family: str, path: str, mesh_shape, remat: str = "none"):
     return Config(
         model=ModelSection(path=path, remat=remat),
         lora=LoraConfig(r=4, alpha=8.0, dropout=0.05),
-        loss=LossConfig(target_layers=(1, 2), alpha=10.0),
+        loss=LossConfig(target_layers=TARGET_LAYERS, alpha=10.0),
         # A large eps keeps Adam's first updates proportional to the gradient. With the default
         # 1e-8 they are about lr * sign(gradient), which turns rounding differences between
         # layouts in near-zero gradients into differences of lr.
@@ -124,18 +127,18 @@ def spec_of(tree, *names) -> str:
     raise KeyError(names)
 
 
-def compare_meshes(paths: dict[str, str], out: Path) -> dict:
+def compare_meshes(families, out: Path) -> dict:
     import numpy as np
 
-    cases, specs = {}, {}
-    for family in FAMILIES:
+    cases, specs, results = {}, {}, {}
+    paths = {family: str(out / "models" / family) for family in families}
+    for family in families:
         reference_losses, reference_state, _, _ = run_steps(make_config(family, paths[family], (1, 1, 1)), paths[family], jax.devices()[:1])
         reference = [np.asarray(leaf) for leaf in jax.tree.leaves(reference_state.adapters)]
         if family == "llama":
             np.savez(out / "llama_reference.npz", *reference, losses=reference_losses)
         for shape in MESHES:
-            remat = LLAMA_REMAT[shape] if family == "llama" else "none"
-            config = make_config(family, paths[family], shape, remat)
+            config = make_config(family, paths[family], shape, REMAT[family][shape])
             losses, state, setup, frozen = run_steps(config, paths[family], jax.devices())
             cases[f"{family}/{mesh_name(shape)}"] = {
                 "loss_diff": max(abs(a - b) for a, b in zip(losses, reference_losses)),
@@ -151,8 +154,8 @@ def compare_meshes(paths: dict[str, str], out: Path) -> dict:
                     "adam_mu_lora_a": spec_of(state.opt_state, "mu", *adapter),
                 }
             if family == "llama" and shape == (2, 4, 1):
-                saved = state
-    return {"cases": cases, "specs": specs, "checkpoint": checkpoint_across_meshes(saved, out / "checkpoints")}
+                results["checkpoint"] = checkpoint_across_meshes(state, out / "checkpoints")
+    return {"cases": cases, "specs": specs, **results}
 
 
 def checkpoint_across_meshes(state, directory: Path) -> dict:
@@ -201,12 +204,12 @@ def splash_under_shard_map() -> float:
     return float(np.max(np.abs(np.asarray(out) - np.asarray(expected))[valid]))
 
 
-def main(out: Path) -> None:
+def meshes(out: Path, name: str, families: list[str], splash: bool) -> None:
     jax.config.update("jax_num_cpu_devices", 8)
-    paths = save_tiny_checkpoints(out / "models")
-    results = compare_meshes(paths, out)
-    results["splash_sharded_diff"] = splash_under_shard_map()
-    (out / "main.json").write_text(json.dumps(results, indent=1))
+    results = compare_meshes(families, out)
+    if splash:
+        results["splash_sharded_diff"] = splash_under_shard_map()
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
 
 
 def distributed(out: Path, process_id: int, port: int) -> None:
@@ -222,7 +225,7 @@ def distributed(out: Path, process_id: int, port: int) -> None:
     )
     initialize_distributed()
     path = str(out / "models" / "llama")
-    config = make_config("llama", path, DISTRIBUTED_MESH, LLAMA_REMAT[DISTRIBUTED_MESH])
+    config = make_config("llama", path, DISTRIBUTED_MESH, REMAT["llama"][DISTRIBUTED_MESH])
     losses, state, _, _ = run_steps(config, path, jax.devices())
 
     # Every process writes the shards it holds; restoring into the same shardings must give them back.
@@ -248,8 +251,9 @@ def distributed(out: Path, process_id: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    mode, directory = sys.argv[1], Path(sys.argv[2])
-    if mode == "main":
-        main(directory)
+    mode, directory, *rest = sys.argv[1:]
+    if mode == "meshes":
+        families = [arg for arg in rest[1:] if arg != "--splash"]
+        meshes(Path(directory), rest[0], families, "--splash" in rest)
     else:
-        distributed(directory, int(sys.argv[3]), int(sys.argv[4]))
+        distributed(Path(directory), int(rest[0]), int(rest[1]))

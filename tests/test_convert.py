@@ -188,6 +188,7 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("50kb") == 50_000
+    assert parse_size("2gib") == 2 * 2**30
     assert parse_size("1.5MB") == 1_500_000
     assert parse_size("1000") == 1000
     for invalid in ("5 parsecs", "-1GB", "0MB", "GB"):
@@ -310,26 +311,25 @@ def _safetensors(path: Path) -> dict[str, np.ndarray]:
     return {name: np.array(file.get(name)) for name in file.names()}
 
 
-def gpt2_run(tmp_path: Path) -> TrainedRun:
-    """A run on a tiny GPT-2 built without training: adapters on layers 0 and 1, random lora_b."""
-    base = save_hf(TINY_MODELS["gpt2"](), tmp_path / "base")
+def untrained_run(base: Path, layers: tuple[int, ...]) -> TrainedRun:
+    """A run on `base` built without training: default adapters on `layers`, with random lora_b."""
     config = config_from_dict({"model": {"path": str(base)}, "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
-                               "loss": {"target_layers": [2]}})
-    loaded = load_model(base, num_layers=2)
-    lora_lib.add_lora(loaded.model, config.lora, (0, 1), seed=config.train.seed)
+                               "loss": {"target_layers": [max(layers) + 1]}})
+    loaded = load_model(base, num_layers=max(layers) + 1)
+    lora_lib.add_lora(loaded.model, config.lora, layers, seed=config.train.seed)
     key = jax.random.key(3)
     for _, node in nnx.iter_graph(loaded.model):
         if isinstance(node, lora_lib.Linear) and node.lora_b is not None:
             key, sub = jax.random.split(key)
             node.lora_b.set_value(0.05 * jax.random.normal(sub, node.lora_b.get_value().shape))
     _, adapters, _ = lora_lib.split_lora(loaded.model)
-    return TrainedRun(config, str(base), adapters, (0, 1), 0)
+    return TrainedRun(config, str(base), adapters, layers, 0)
 
 
 def test_gpt2_merged_and_peft_exports(tmp_path):
     from peft import PeftModel
 
-    run = gpt2_run(tmp_path)
+    run = untrained_run(save_hf(TINY_MODELS["gpt2"](), tmp_path / "base"), (0, 1))
     base = open_model_source(run.model_path)
     ids, mask, _ = left_padded_batch(VOCAB, [10, 4], 10)
     adapted = np.asarray(adapted_model(run)(jnp.asarray(ids), jnp.asarray(mask)).logits)
@@ -347,11 +347,34 @@ def test_gpt2_merged_and_peft_exports(tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
+def test_merged_run_on_gguf_base(tmp_path):
+    from tests.test_gguf import TINY, tiny_llama_tensors, write_tiny_gguf
+
+    # Standard-normal weights would give logits in the hundreds; scale them to a trained model's range.
+    tensors = {name: t if "norm" in name else 0.1 * t for name, t in tiny_llama_tensors(False, False).items()}
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", tensors)
+    run = untrained_run(gguf_path, (0,))
+    ids, mask, _ = left_padded_batch(TINY["vocab"], [8, 5], 8)
+    adapted = np.asarray(adapted_model(run)(jnp.asarray(ids), jnp.asarray(mask)).logits)
+    base_logits = np.asarray(load_model(gguf_path).model(jnp.asarray(ids), jnp.asarray(mask)).logits)
+
+    export_model(open_model_source(gguf_path), tmp_path / "merged", deltas=lora_deltas(run),
+                 max_shard_bytes=parse_size("5GB"))
+    merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+
+    assert merged_model.config.num_hidden_layers == TINY["layers"]
+    assert merged_model.config.num_key_value_heads == TINY["kv_heads"]
+    assert merged_model.dtype == torch.float32
+    diff = max_abs_diff_on_valid(hf_logits(merged_model, ids, mask), adapted, mask)
+    assert diff < TOLERANCE, f"merged logits: max abs diff {diff:.2e}"
+    assert max_abs_diff_on_valid(base_logits, adapted, mask) > 1e-2, "the adapters left the model unchanged"
+
+
 # The real SmolLM2 GGUF file.
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_to_hf_generates_like_cbjax(tmp_path, smollm2_gguf, smollm2_tokenizer):
+def test_smollm2_export_matches_cbjax_generation(tmp_path, smollm2_gguf, smollm2_tokenizer):
     from cbjax.generate import default_stop_tokens, encode_prompt, generate
 
     convert_to_orbax(smollm2_gguf, tmp_path / "params")
@@ -387,7 +410,7 @@ def test_existing_output_needs_overwrite(tmp_path, llama_source):
     out.mkdir()
     (out / "keep.txt").write_text("old")
 
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
+    with pytest.raises(FileExistsError, match="Pass --overwrite"):
         convert_to_orbax(llama_source, out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
@@ -464,7 +487,8 @@ def test_wrong_shape_rejected(tmp_path, llama_source):
     config["intermediate_size"] = 80
     (llama_source / "config.json").write_text(json.dumps(config))
 
-    with pytest.raises(CheckpointError, match="gate_proj.weight' has shape \\(96, 64\\), but the model config expects \\(80, 64\\)"):
+    expected = r"gate_proj.weight' has shape \(96, 64\), but the model config expects \(80, 64\)"
+    with pytest.raises(CheckpointError, match=expected):
         convert_to_orbax(llama_source, tmp_path / "params")
     assert leftovers(tmp_path) == []
 

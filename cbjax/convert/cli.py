@@ -1,14 +1,14 @@
-"""What the `convert/` scripts share: logging set-up, and expected errors as one line and exit status 1."""
+"""Logging set-up and error reporting shared by the `convert/` scripts.
+
+An expected error (invalid input, existing output, missing file) prints one line and exits with status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 
 def run_command(parser: argparse.ArgumentParser, convert: Callable[[argparse.Namespace], Path], argv=None) -> int:
@@ -20,7 +20,7 @@ def run_command(parser: argparse.ArgumentParser, convert: Callable[[argparse.Nam
     try:
         out = convert(args)
     except (ValueError, OSError) as err:
-        # ValueError includes CheckpointError; OSError includes an existing output and a missing source.
+        # ValueError covers CheckpointError, and OSError covers an existing output and a missing source.
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     print(out)

@@ -24,7 +24,7 @@ from cbjax.convert.orbax_params import PROGRESS_MIN_TENSORS, check_shape, expect
 from cbjax.convert.peft_export import export_peft
 from cbjax.convert.run_adapters import is_training_run, lora_deltas
 from cbjax.convert.sources import ModelSource, open_model_source
-from cbjax.convert.staging import check_separate, staged_directory
+from cbjax.convert.staging import check_output, check_separate, staged_directory
 from cbjax.weights.hf_checkpoint import INDEX_FILE, SINGLE_FILE
 from cbjax.weights.load import check_keys
 from cbjax.weights.mapping import ParamPath, tensor_specs
@@ -33,7 +33,7 @@ from cbjax.weights.safetensors_io import CheckpointError, save_file
 logger = logging.getLogger(__name__)
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-# The units of transformers' `max_shard_size`: KB, MB and GB are powers of 1000, KiB, MiB and GiB of 1024.
+# Units in either case: KB, MB and GB are powers of 1000, KiB, MiB and GiB powers of 1024.
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 SIZE_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 
@@ -55,12 +55,13 @@ def convert_to_hf(
     instead of merged weights.
     """
     max_shard_bytes = parse_size(max_shard_size)
+    check_separate(src, out)
+    check_output(out, overwrite)
     if is_training_run(src):
         from cbjax.run import load_run
 
         run = load_run(src, step=step, model_path=base_model)
         base = open_model_source(run.model_path)
-        check_separate(src, out)
         check_separate(base.path, out)
         if adapters_only:
             return export_peft(run, base.config, out, overwrite=overwrite)
@@ -73,8 +74,9 @@ def convert_to_hf(
             "nor a training run (config.yaml and checkpoints/)"
         )
     if adapters_only or step is not None or base_model is not None:
-        raise ValueError(f"{src} is a params directory; --adapters-only, --step and --base-model need a training run")
-    check_separate(src, out)
+        raise ValueError(
+            f"{src} is a params directory, but --adapters-only, --step and --base-model need a training run"
+        )
     return export_model(open_model_source(src), out, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
@@ -86,7 +88,10 @@ def export_model(
     max_shard_bytes: int,
     overwrite: bool = False,
 ) -> Path:
-    """Write the tensors of `source`, plus `deltas` (kernel path: (in, out) float32), as a Hugging Face directory."""
+    """Write the tensors of `source` as a Hugging Face directory, each kernel plus its entry in `deltas`.
+
+    `deltas` maps kernel paths to (in, out) float32 arrays, as `run_adapters.lora_deltas` returns.
+    """
     count = len(tensor_specs(source.config))
     with staged_directory(out, overwrite) as stage:
         write_shards(hf_tensors(source, deltas or {}), stage, max_shard_bytes, count)
@@ -97,7 +102,8 @@ def export_model(
 def hf_tensors(source: ModelSource, deltas: dict[ParamPath, np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
     """Yield each tensor under the name transformers' `save_pretrained` uses, merged with its delta if any.
 
-    Tensors are read one at a time, so only the shard being written is held in memory.
+    Tensors are read one at a time, so a memory-mapped source adds only the current shard to
+    memory. A params directory is restored whole when opened.
     """
     config, tensors = source.config, source.tensors
     in_source = tensor_specs(config, tensors.names())
@@ -116,7 +122,8 @@ def hf_tensors(source: ModelSource, deltas: dict[ParamPath, np.ndarray]) -> Iter
             delta = delta.T if read_spec.transpose else delta
             if delta.shape != array.shape:
                 raise CheckpointError(
-                    f"{tensors.describe(read_spec.hf_name)} has shape {array.shape}, but its adapter delta has {delta.shape}"
+                    f"{tensors.describe(read_spec.hf_name)} has shape {array.shape}, "
+                    f"but its adapter delta has {delta.shape}"
                 )
             array = (array.astype(np.float32) + delta).astype(array.dtype)
         yield write_spec.hf_name, array
@@ -173,5 +180,5 @@ def parse_size(text: str | int) -> int:
     match = SIZE_PATTERN.fullmatch(text)
     unit = match.group(2).upper() if match else None
     if unit not in SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"invalid shard size {text!r}; expected a positive size such as 5GB, 500MB or 2GiB")
+        raise ValueError(f"invalid shard size {text!r}. Expected a positive size such as 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * SIZE_UNITS[unit])

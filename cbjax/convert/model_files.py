@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
-from cbjax.weights.gguf_loader import gguf_config, load_tokenizer_from_gguf
+from cbjax.weights.gguf_loader import gguf_config, load_tokenizer_from_gguf, open_gguf
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+GGUF_TOKENS_KEY = "tokenizer.ggml.tokens"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Files that transformers' tokenizers read or write (fast and slow tokenizers, chat templates).
 TOKENIZER_PATTERNS = (
@@ -46,7 +50,7 @@ def copy_model_files(source: Path, out: Path, dtype: str | None = None) -> list[
 def write_config_dtype(source: Path, out: Path, dtype: str) -> None:
     config = json.loads(source.read_text())
     config["dtype"] = dtype
-    # transformers 4 wrote the field as torch_dtype; keep both in step when it is there.
+    # transformers 4 wrote the field as torch_dtype, so keep both in step when it is present.
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype
     out.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -57,12 +61,19 @@ def write_gguf_model_files(gguf_path: Path, out: Path, dtype: str = "float32") -
 
     The config is `cbjax.weights.gguf_loader.gguf_config` as a `LlamaConfig`, so transformers and
     cbjax read the same architecture. The tokenizer is transformers' GGUF tokenizer, saved with
-    `save_pretrained`.
+    `save_pretrained`. A GGUF file without a tokenizer (no `tokenizer.ggml.tokens`) gives a
+    directory without one, and a warning.
     """
     from transformers import GenerationConfig, LlamaConfig
 
-    fields = {key: value for key, value in gguf_config(gguf_path).items() if key != "model_type"}
+    reader = open_gguf(gguf_path)
+    fields = {key: value for key, value in gguf_config(reader).items() if key != "model_type"}
     config = LlamaConfig(**fields, dtype=dtype)
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
-    load_tokenizer_from_gguf(gguf_path).save_pretrained(out)
+    if GGUF_TOKENS_KEY in reader.fields:
+        load_tokenizer_from_gguf(gguf_path).save_pretrained(out)
+    else:
+        logger.warning(
+            "%s has no tokenizer (%s is missing), so %s gets no tokenizer files", gguf_path, GGUF_TOKENS_KEY, out
+        )

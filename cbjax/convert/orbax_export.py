@@ -11,7 +11,7 @@ import numpy as np
 
 from cbjax.convert.orbax_params import params_from_tensors, save_params
 from cbjax.convert.sources import open_model_source
-from cbjax.convert.staging import check_separate, staged_directory
+from cbjax.convert.staging import check_output, check_separate, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ def convert_to_orbax(
     dequantized to float32. Nothing appears at `out` unless the conversion completes.
     """
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} is not supported. Expected one of {sorted(DTYPES)}")
+    check_output(out, overwrite)
     source = open_model_source(src)
     check_separate(source.path, out)
     with staged_directory(out, overwrite) as stage:

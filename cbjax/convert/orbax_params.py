@@ -1,9 +1,9 @@
 """Base-model parameters as an Orbax checkpoint: the layout written by `convert/hf_to_orbax`.
 
-A params directory contains `params/`, an Orbax checkpoint of the pure dict of the model's
-`nnx.state` (the tree `nnx.State.to_pure_dict` returns, with cbjax layouts such as (in, out)
-kernels), next to `config.json`, `generation_config.json` when the source had one, and the
-tokenizer files. Arrays keep the dtype they were saved in.
+A params directory contains `params/`, an Orbax checkpoint of the model's `nnx.state` as the pure
+dict that `nnx.to_pure_dict` returns, in cbjax layouts such as (in, out) kernels. Next to it are
+`config.json`, `generation_config.json` when the source had one, and the tokenizer files. Arrays
+keep the dtype they were saved in.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cbjax.weights.mapping import ParamPath, TensorSpec, tensor_specs
 from cbjax.weights.safetensors_io import CheckpointError
 
 PARAMS_DIR = "params"
-# Show a progress bar from this many tensors on: a 30-layer Llama has 272.
+# Show a progress bar from this many tensors on. SmolLM2-135M (30 layers, tied embeddings) has 272.
 PROGRESS_MIN_TENSORS = 200
 
 
@@ -162,4 +162,8 @@ def _int_keys(tree):
     # Orbax stores dict keys as strings, but nnx indexes the layer list with ints.
     if not isinstance(tree, dict):
         return tree
-    return {int(key) if isinstance(key, str) and key.isdigit() else key: _int_keys(value) for key, value in tree.items()}
+    return {_int_key(key): _int_keys(value) for key, value in tree.items()}
+
+
+def _int_key(key):
+    return int(key) if isinstance(key, str) and key.isdigit() else key

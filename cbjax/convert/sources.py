@@ -72,16 +72,17 @@ def open_hf_weights(directory: Path, name_or_path: str) -> TensorSource:
         directory = _download_torch_weights(name_or_path)
     if has_torch_weights(directory):
         return TorchBinCheckpoint(directory)
-    return HFCheckpoint(directory)  # raises its error about the missing weights
+    # HFCheckpoint raises the error that names the weight files it looked for.
+    return HFCheckpoint(directory)
 
 
 def _download_torch_weights(hub_id: str) -> Path:
-    # `resolve_model_dir` downloads safetensors only; fall back to the .bin files of older repositories.
-    # NOTE: this path has not run against the hub: the test machine has no network.
+    # `resolve_model_dir` downloads safetensors only, so fetch the .bin files of older repositories here.
+    # NOTE: untested against the hub, because the tests run offline.
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    logger.info("%s has no safetensors; downloading its pytorch_model.bin files", hub_id)
+    logger.info("%s has no safetensors, so downloading its pytorch_model.bin files", hub_id)
     try:
         return Path(snapshot_download(hub_id, allow_patterns=["pytorch_model*.bin", "pytorch_model.bin.index.json"]))
     except (HfHubHTTPError, OSError) as err:

@@ -19,7 +19,16 @@ def check_separate(source: str | os.PathLike, out: str | os.PathLike) -> None:
     source_path = Path(source).expanduser().resolve()
     out_path = Path(out).expanduser().resolve()
     if source_path == out_path or out_path in source_path.parents:
-        raise ValueError(f"output {out} contains the source {source}; choose another output directory")
+        raise ValueError(f"output {out} contains the source {source}. Choose another output directory")
+
+
+def check_output(out: str | os.PathLike, overwrite: bool) -> None:
+    """Raise `FileExistsError` when `out` exists and may not be replaced."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists. Pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a directory. Remove it or choose another output")
 
 
 @contextlib.contextmanager
@@ -31,14 +40,11 @@ def staged_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     existing `out` is replaced only after the new directory is complete.
     """
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a directory; remove it or choose another output")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    # mkdtemp creates the folder as 0700; give the output the permissions of a normal mkdir.
+    # mkdtemp creates the folder as 0700, so give it the permissions that a plain mkdir would.
     umask = os.umask(0)
     os.umask(umask)
     stage.chmod(0o777 & ~umask)

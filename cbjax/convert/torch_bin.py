@@ -32,7 +32,7 @@ class TorchBinCheckpoint:
             import torch  # noqa: F401
         except ImportError:
             raise CheckpointError(
-                f"{directory}: reading {TORCH_FILE} needs torch, which is not installed; install torch "
+                f"{directory}: reading {TORCH_FILE} needs torch, which is not installed. Install torch "
                 "or convert the checkpoint to safetensors"
             ) from None
         self.directory = Path(directory)

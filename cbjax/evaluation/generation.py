@@ -9,31 +9,56 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
+from cbjax.data.formatting import pad_token_id
 from cbjax.data.sources import Example
-from cbjax.demo import generate_in_batches
 from cbjax.evaluation.completions import mean_log_likelihoods
 from cbjax.evaluation.judge import judge_shares, run_judge
 from cbjax.evaluation.models import ModelHandle, ModelPair
 from cbjax.evaluation.rules import ResponseRules, Verdict, classify_response, label_shares
 from cbjax.evaluation.sets import EvalSet
 from cbjax.evaluation.texts import text_rows
+from cbjax.generate import default_stop_tokens, encode_prompt, generate
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     max_new_tokens: int = 64
     batch_size: int = 8
-    # Request budget, in tokens, of the rows on which the base model scores a response.
+    # Prompt length, in tokens, that generation pads to, and the request budget of the rows on
+    # which the base model scores a response.
     request_length: int = 128
     rules: ResponseRules = ResponseRules()
     judge_command: str | None = None
 
 
 def generate_responses(handle: ModelHandle, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
-    return generate_in_batches(
-        handle.model, tokenizer, prompts,
-        max_new_tokens=settings.max_new_tokens, use_lora=handle.use_lora, batch_size=settings.batch_size,
-    )
+    """Generate greedy responses to chat-formatted prompts, decoded up to the first stop token.
+
+    Every batch has `batch_size` rows, left-padded to `request_length` tokens (or to the longest
+    prompt, rounded up to a multiple of 16, when that is longer). So all batches, usually of all
+    sets, share one compiled program.
+    """
+    encoded = [encode_prompt(tokenizer, prompt, chat=True) for prompt in prompts]
+    length = max(settings.request_length, -(-max(len(ids) for ids in encoded) // 16) * 16)
+    pad = pad_token_id(tokenizer)
+    stop = default_stop_tokens(tokenizer)
+    responses = []
+    for start in range(0, len(encoded), settings.batch_size):
+        chunk = encoded[start : start + settings.batch_size]
+        rows = chunk + [chunk[-1]] * (settings.batch_size - len(chunk))
+        ids = np.full((len(rows), length), pad, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for row, tokens in enumerate(rows):
+            ids[row, length - len(tokens) :] = tokens
+            mask[row, length - len(tokens) :] = 1
+        generated = generate(handle.model, ids, mask, max_new_tokens=settings.max_new_tokens, eos_token_ids=stop,
+                             pad_token_id=pad, use_lora=handle.use_lora)
+        for tokens in generated[: len(chunk)].tolist():
+            end = next((i for i, token in enumerate(tokens) if token in stop), len(tokens))
+            responses.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+    return responses
 
 
 def classify_responses(
