@@ -12,9 +12,9 @@ import yaml
 
 from cbjax.data.config import DataConfig
 from cbjax.lora import LoraConfig
+from cbjax.losses import LossConfig
 from cbjax.models.attention import ATTENTION_IMPLEMENTATIONS
 from cbjax.models.remat import REMAT_POLICIES
-from cbjax.losses import LossConfig
 from cbjax.optim import OptimConfig
 from cbjax.sharding import MeshConfig
 

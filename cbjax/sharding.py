@@ -23,11 +23,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical dimension -> mesh axes. Weights are split over `fsdp` along the model width and over
-# `tensor` along heads and MLP width (Megatron-style column and row parallel layers); activations
-# are split over the batch only. Embedding tables (vocabulary and position rows) are split along
-# their rows over both axes, because a lookup in a table split along its width yields width-split
-# activations that XLA can only turn into batch-split ones by gathering them whole. GPT-2's fused
-# q|k|v output stays whole, because shards of it would cut across the split into q, k and v.
+# `tensor` along heads and MLP width, as in Megatron's column and row parallel layers.
+# Activations are split over the batch only. Embedding tables (vocabulary and position rows) are
+# split along their rows over both axes: a lookup in a table split along its width would give
+# width-split activations, which XLA turns into batch-split ones only by gathering them whole.
+# GPT-2's fused q|k|v output stays whole, because its shards would cut across the q, k, v split.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES,
     "sequence": (),
@@ -51,8 +51,8 @@ QUERY_AXES = ("batch", "sequence", "heads", None)
 KEY_VALUE_AXES = ("batch", "sequence", "kv_heads", None)
 MLP_HIDDEN_AXES = ("batch", "sequence", "mlp")
 
-# (input axis, output axis) of each `Linear` kernel, by module name; GPT-2's two `c_proj`
-# modules are told apart by their parent.
+# (input axis, output axis) of each `Linear` kernel by module name. GPT-2's two `c_proj`
+# modules are distinguished by their parent.
 LINEAR_AXES = {
     "q_proj": ("embed", "heads"),
     "k_proj": ("embed", "kv_heads"),
@@ -138,7 +138,12 @@ def partition_spec(
         while axes and size % int(np.prod([mesh_shape[axis] for axis in axes])):
             axes.pop()
         used.update(axes)
-        entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+        if not axes:
+            entries.append(None)
+        elif len(axes) == 1:
+            entries.append(axes[0])
+        else:
+            entries.append(tuple(axes))
     return P(*entries)
 
 
@@ -172,7 +177,7 @@ def parameter_axes(names: Sequence[str | int], ndim: int) -> tuple[str | None, .
 
 
 def path_names(path) -> list[str | int]:
-    """The dict keys, attribute names and sequence indices along a `jax.tree_util` key path."""
+    """Return the dict keys, attribute names and sequence indices along a `jax.tree_util` key path."""
     names = []
     for key in path:
         for attribute in ("key", "name", "idx"):
@@ -183,7 +188,7 @@ def path_names(path) -> list[str | int]:
 
 
 def state_shardings(tree, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = LOGICAL_AXIS_RULES):
-    """A `NamedSharding` for every leaf of a tree of frozen weights, adapters or optimizer state.
+    """Map every leaf of a tree of frozen weights, adapters or optimizer state to its `NamedSharding`.
 
     Leaves may be arrays or `jax.ShapeDtypeStruct`s. Optimizer moments take their adapter's
     sharding, because their paths end with the adapter's path.
@@ -219,7 +224,7 @@ def logical_rules(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = LOGICAL_AXI
 
 
 def with_logical_rules(fn, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = LOGICAL_AXIS_RULES):
-    """Wrap `fn` so that tracing it (under `jax.jit`) sees the rules; jit traces lazily, on first call."""
+    """Wrap `fn` so that the rules apply while `jax.jit` traces it, which happens lazily, on the first call."""
 
     def traced(*args, **kwargs):
         with logical_rules(mesh, rules):
@@ -229,7 +234,7 @@ def with_logical_rules(fn, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = LO
 
 
 def active_rules() -> tuple[Mesh, Mapping[str, tuple[str, ...]]] | None:
-    """The (mesh, rules) of the innermost `logical_rules` block, or None outside one."""
+    """Return the (mesh, rules) of the innermost `logical_rules` block, or None outside one."""
     return _ACTIVE_RULES.get()
 
 
@@ -244,7 +249,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 
 def process_rows(global_array: np.ndarray, sharding: NamedSharding) -> np.ndarray:
-    """The rows of a host-side global batch that this process's devices hold under `sharding`."""
+    """Return the rows of a host-side global batch that this process's devices store under `sharding`."""
     index_map = sharding.addressable_devices_indices_map(global_array.shape)
     rows = {index[0].indices(global_array.shape[0])[:2] for index in index_map.values()}
     start, stop = min(r[0] for r in rows), max(r[1] for r in rows)

@@ -104,7 +104,7 @@ def load_adapted_model(config: Config, model_path: str, mesh, rules: dict):
     """Load the truncated model into its shards on `mesh` and attach adapters.
 
     Returns (graphdef, adapters, frozen, adapted module paths). Each weight goes straight into
-    its shards, so no device ever holds the whole model; the adapters are still unplaced.
+    its shards, so no device ever stores the whole model. The adapters are not placed yet.
     """
     loaded = load_model(
         model_path,

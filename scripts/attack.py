@@ -11,6 +11,7 @@ the demo's held-out harmful prompts plus the HarmBench prompts in --shared-data 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="maximum Adam steps (default 100)")
     parser.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
     parser.add_argument("--stop-nll", type=float, default=0.05, help="a prompt stops at this target NLL per token (default 0.05)")
-    parser.add_argument("--target", default="Sure, here is", help="answer prefix the attack aims for")
+    parser.add_argument("--target", default="Sure, here is", help="response prefix that the attack optimises for")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum generated tokens per response (default 64)")
     parser.add_argument("--judge", help="command that labels responses (see cbjax/evaluation/judge.py)")
     return parser.parse_args(argv)
@@ -59,7 +60,7 @@ def load_prompts(args) -> list[tuple[str, str]]:
 
 
 def attack_model(handle, scorer, tokenizer, prompts: list[str], config, args) -> dict:
-    """Attack every prompt in fixed-size batches, then label the answers."""
+    """Attack every prompt in fixed-size batches, then label the responses."""
     from cbjax.evaluation.attack import generate_after_attack, run_attack
     from cbjax.evaluation.generation import GenerationSettings, classify_responses
     from cbjax.evaluation.judge import judge_shares, run_judge
@@ -72,11 +73,11 @@ def attack_model(handle, scorer, tokenizer, prompts: list[str], config, args) ->
         # Fill the last batch with copies so that every batch reuses one compiled program.
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
         result = run_attack(handle, tokenizer, padded, config)
-        answers = generate_after_attack(handle, tokenizer, padded, result.soft_prompts, config)
+        batch_responses = generate_after_attack(handle, tokenizer, padded, result.soft_prompts, config)
         initial += result.initial_nll[: len(chunk)].tolist()
         final += result.final_nll[: len(chunk)].tolist()
         steps.append(result.steps)
-        responses += answers[: len(chunk)]
+        responses += batch_responses[: len(chunk)]
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     verdicts = classify_responses(scorer, tokenizer, prompts, responses, settings)
@@ -105,7 +106,7 @@ def attack_model(handle, scorer, tokenizer, prompts: list[str], config, args) ->
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cbjax.evaluation.attack import AttackConfig
+    from cbjax.evaluation.attack import AttackConfig, attack_layout
     from cbjax.evaluation.models import load_pair
 
     config = AttackConfig(
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
     pair = load_pair(args.base, args.trained)
     named_prompts = load_prompts(args)
     prompts = [prompt for _, prompt in named_prompts]
+    config = dataclasses.replace(config, prompt_length=attack_layout(pair.tokenizer, prompts, config).prompt_length)
     results = {"config": vars(args) | {"out": str(args.out), "shared_data": str(args.shared_data)}, "prompts": len(prompts)}
     for which, handle in (("base", pair.base), ("trained", pair.trained)):
         logging.info("attacking the %s model on %d prompts", which, len(prompts))

@@ -1,7 +1,9 @@
 """Time the cbjax circuit-breaker train step against PyTorch + PEFT on the same model and batch.
 
-    python scripts/benchmark.py            # about 10 minutes on 2 CPU cores
-    python scripts/benchmark.py --quick    # one round, one timed step each
+    python scripts/benchmark.py            # two rounds of cbjax, torch-reference, torch-lean
+    python scripts/benchmark.py --quick    # one round
+
+PyTorch and PEFT come with the test extras: pip install -e '.[test]'.
 
 Model: SmolLM2-135M-Instruct from the project's GGUF file (transformers loads it with gguf_file=),
 both dequantised to float32, layers above the highest target (20) dropped, LoRA r 16 / alpha 16 on
@@ -9,15 +11,19 @@ all seven projections of layers 0-19. Batch: 4 rerouting rows of 128 request + 1
 and 4 retain rows of 256 tokens, random token ids, no padding. Variants:
 
 - cbjax: the jitted `train_step` (LoRA dropout 0.05, no LM head).
+- cbjax-lean: the same with LoRA dropout 0 (not run by default).
 - torch-reference: the reference implementation's step: PEFT model called as a causal LM, so the
   LM head runs in all four passes; LoRA dropout 0.05; losses from tests/torch_reference.py.
 - torch-lean: the same without the LM head (the decoder is called directly) and without dropout.
 
 All use AdamW with global-norm clipping at 1.0. Each variant runs in its own process, pinned to
 --threads cores, so that its peak RSS is its own. The rounds alternate the variants and reverse
-their order every round, so that slow drift of the machine hits all of them. Each worker also times a
-2048 x 2048 float32 matmul in its framework; the faster one is the peak for the FLOP/s shares.
---profile times the parts of the cbjax step in the last round.
+their order every round, so that slow drift of the machine hits all of them. A process's first
+step is never timed: it includes cbjax's compilation and PyTorch's first allocations. The cbjax
+processes of one run share a JAX compilation cache, so only the first one compiles. Each worker
+also times a 2048 x 2048 float32 matmul in its framework; the faster one is the peak for the
+FLOP/s shares. --profile times the parts of the cbjax step in the last round, after its timed
+steps and its peak RSS are recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("cbjax", "torch-reference", "torch-lean")
+VARIANTS = ("cbjax", "cbjax-lean", "torch-reference", "torch-lean")
+DEFAULT_VARIANTS = ("cbjax", "torch-reference", "torch-lean")
 TARGET_LAYERS = (10, 20)
 BATCH, REQUEST, RESPONSE, RETAIN = 4, 128, 128, 256
 LORA_R, LORA_ALPHA = 16, 16
@@ -47,12 +54,12 @@ MATMUL_SIZE = 2048
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one round, one warm-up and one timed step per variant")
+    parser.add_argument("--quick", action="store_true", help="one round instead of two")
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant (default 2)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process after compilation (default 1)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per process (default 1)")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed steps per process after the first (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="CPU cores per worker (default 2)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--profile", action="store_true", help="time the parts of the cbjax step (adds about 2 minutes)")
     parser.add_argument("--model", help="GGUF file (default: the fetched SmolLM2-135M-Instruct)")
     parser.add_argument("--json", type=Path, help="write all measurements here")
@@ -60,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.steps, args.warmup = 1, 1, 1
+        args.rounds = 1
     return args
 
 
@@ -101,11 +108,15 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
-def cbjax_worker(args, model_path: str) -> dict:
+def cbjax_worker(args, model_path: str, dropout: float) -> dict:
     import functools
 
     import jax
     import jax.numpy as jnp
+
+    if os.environ.get("CBJAX_BENCHMARK_CACHE"):
+        jax.config.update("jax_compilation_cache_dir", os.environ["CBJAX_BENCHMARK_CACHE"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     from cbjax import lora as lora_lib
     from cbjax.losses import LossConfig
@@ -116,7 +127,7 @@ def cbjax_worker(args, model_path: str) -> dict:
     started = time.perf_counter()
     loaded = load_model(model_path, num_layers=max(TARGET_LAYERS))
     layers = range(max(TARGET_LAYERS))
-    lora_lib.add_lora(loaded.model, lora_lib.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.05), layers)
+    lora_lib.add_lora(loaded.model, lora_lib.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=dropout), layers)
     graphdef, adapters, frozen = lora_lib.split_lora(loaded.model)
     optimizer = make_optimizer(OptimConfig(learning_rate=LEARNING_RATE), TOTAL_STEPS)
     config = StepConfig(LossConfig(target_layers=TARGET_LAYERS), TOTAL_STEPS)
@@ -138,12 +149,12 @@ def cbjax_worker(args, model_path: str) -> dict:
         "first_step_seconds": compile_seconds,
         "step_seconds": times,
         "matmul_flops_per_second": jax_matmul_peak(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     if args.profile:
         result["xla_flops"] = xla_flops(step_fn, state[0], frozen, batch)
         result["profile"] = profile_parts(graphdef, state[0].adapters, frozen, batch, optimizer, config,
                                           statistics.median(times))
-    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
@@ -284,8 +295,8 @@ def torch_matmul_peak() -> float:
 def run_worker(args) -> None:
     pin_threads(args.threads)
     model_path = args.model or str(default_model())
-    if args.worker == "cbjax":
-        result = cbjax_worker(args, model_path)
+    if args.worker.startswith("cbjax"):
+        result = cbjax_worker(args, model_path, dropout=0.0 if args.worker == "cbjax-lean" else 0.05)
     else:
         result = torch_worker(args, model_path, lean=args.worker == "torch-lean")
     args.worker_out.write_text(json.dumps(result))
@@ -300,7 +311,7 @@ def default_model() -> Path:
     return smollm2_gguf_path()
 
 
-def spawn(variant: str, args, profile: bool) -> dict:
+def spawn(variant: str, args, profile: bool, cache_dir: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [sys.executable, __file__, "--worker", variant, "--worker-out", str(out), "--steps", str(args.steps),
@@ -310,9 +321,12 @@ def spawn(variant: str, args, profile: bool) -> dict:
     if profile:
         command.append("--profile")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CBJAX_BENCHMARK_CACHE=cache_dir)
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stderr[-5000:])
+        raise RuntimeError(f"benchmark worker {variant} failed with exit status {completed.returncode}; its stderr is above")
     result = json.loads(out.read_text())
     out.unlink()
     result["process_seconds"] = time.perf_counter() - started
@@ -342,7 +356,8 @@ def summarize(runs: dict[str, list[dict]], flops: dict[str, int]) -> dict:
             "timed_steps": len(times),
             "tokens_per_second": tokens / median,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            "first_step_seconds": statistics.median(r["first_step_seconds"] for r in results),
+            # The first process's: later cbjax processes load the compiled step from the cache.
+            "first_step_seconds": results[0]["first_step_seconds"],
             "achieved_flops_per_second": flops["total"] / median,
             "share_of_matmul_peak": flops["total"] / median / peak,
         }
@@ -356,15 +371,18 @@ def print_table(summary: dict, flops: dict[str, int], runs: dict) -> None:
     print(f"\nneeded FLOPs per step: {flops['total'] / 1e9:.1f} G  "
           + "  ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items() if k != "total"))
     print(f"matmul peak ({MATMUL_SIZE}^3 float32, best of jax and torch): {summary['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s")
-    header = f"{'variant':16s} {'median s':>9s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'GFLOP/s':>8s} {'% peak':>7s} {'vs cbjax':>9s} {'first step s':>13s}"
+    header = (f"{'variant':16s} {'median s':>9s} {'min-max s':>13s} {'tokens/s':>9s} {'peak RSS MB':>12s} "
+              f"{'GFLOP/s':>8s} {'% peak':>7s} {'vs cbjax':>9s} {'first step s':>13s}")
     print(header)
     print("-" * len(header))
     for variant, entry in summary["variants"].items():
         ratio = entry.get("step_time_vs_cbjax")
-        print(f"{variant:16s} {entry['median_step_seconds']:9.2f} {entry['tokens_per_second']:9.0f} "
+        spread = f"{entry['min_step_seconds']:.1f}-{entry['max_step_seconds']:.1f}"
+        print(f"{variant:16s} {entry['median_step_seconds']:9.2f} {spread:>13s} {entry['tokens_per_second']:9.0f} "
               f"{entry['peak_rss_mb']:12.0f} {entry['achieved_flops_per_second'] / 1e9:8.1f} "
               f"{100 * entry['share_of_matmul_peak']:6.1f}% {'' if ratio is None else f'{ratio:8.2f}x':>9s} "
               f"{entry['first_step_seconds']:13.1f}")
+    print("(first step: untimed, includes cbjax's compilation; GFLOP/s: needed FLOPs / median step time)")
     for result in runs.get("cbjax", []):
         if result.get("xla_flops"):
             print(f"XLA's cost analysis of the cbjax step: {result['xla_flops'] / 1e9:.1f} GFLOP")
@@ -388,15 +406,17 @@ def main(argv=None) -> int:
         print(f"note: load average {load:.1f} before the run; other processes distort the timings", file=sys.stderr)
     runs: dict[str, list[dict]] = {variant: [] for variant in args.variants}
     started = time.perf_counter()
+    cache = tempfile.TemporaryDirectory(prefix="cbjax-benchmark-cache-")
     for round_index in range(args.rounds):
         order = args.variants if round_index % 2 == 0 else args.variants[::-1]
         for variant in order:
             profile = args.profile and variant == "cbjax" and round_index == args.rounds - 1
-            result = spawn(variant, args, profile)
+            result = spawn(variant, args, profile, cache.name)
             runs[variant].append(result)
             print(f"round {round_index + 1} {variant:16s} steps {', '.join(f'{t:.2f}' for t in result['step_seconds'])} s"
                   f"  (process {result['process_seconds']:.0f} s)", flush=True)
 
+    cache.cleanup()
     flops = needed_flops(model_path)
     summary = summarize(runs, flops)
     print_table(summary, flops, runs)

@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--request-length", type=int, default=128, help="token budget of a scored request (default 128)")
     parser.add_argument("--completion-length", type=int, default=128, help="token budget of a scored completion (default 128)")
     parser.add_argument("--refusal-phrases", type=Path, help="text file with one refusal phrase per line (replaces the default list)")
-    parser.add_argument("--min-log-likelihood", type=float, default=-5.0,
-                        help="broken if the base model's mean log-likelihood per token is below this, in nats (default -5)")
+    parser.add_argument("--min-log-likelihood", type=float, default=-4.0,
+                        help="broken if the base model's mean log-likelihood per token is below this, in nats (default -4)")
     parser.add_argument("--max-repeat-rate", type=float, default=0.5,
                         help="broken if a larger share of token trigrams repeat earlier ones (default 0.5)")
     parser.add_argument("--judge", help="command that labels responses (JSON Lines on stdin and stdout; see cbjax/evaluation/judge.py)")

@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         command = commands.add_parser(name)
         command.add_argument("--model", required=True, help="training run, Hugging Face directory, hub id or .gguf")
         command.add_argument("--base-model", action="store_true", help="with a training run: probe its base model")
-        command.add_argument("--limit", type=int, default=64, help="maximum texts per set (default 64)")
+        command.add_argument("--limit", type=int, default=150, help="maximum texts per set (default 150)")
         command.add_argument("--batch-size", type=int, default=8)
         command.add_argument("--request-length", type=int, default=128, help="request token budget (default 128)")
         command.add_argument("--completion-length", type=int, default=128, help="completion token budget (default 128)")
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--kind", choices=("linear", "mlp"), default="linear")
     train.add_argument("--target-fpr", type=float, default=0.05, help="share of benign calibration texts flagged (default 0.05)")
     train.add_argument("--held-out-fraction", type=float, default=0.3, help="share of each set kept for the report (default 0.3)")
-    train.add_argument("--steps", type=int, default=300, help="full-batch optimizer steps (default 300)")
+    train.add_argument("--steps", type=int, default=100, help="full-batch optimizer steps (default 100)")
     train.add_argument("--out", required=True, type=Path, help="directory for probe.npz, probe.json and metrics.json")
 
     apply = commands.choices["apply"]

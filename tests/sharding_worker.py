@@ -84,10 +84,31 @@ def random_lora_b(adapters):
     return jax.tree_util.tree_unflatten(treedef, replaced)
 
 
-def batches(count: int) -> list[dict]:
-    from tests.test_train_step import synthetic_batch
+def training_batch(seed: int, rows: int = 8, rerouting_len: int = 10, retain_len: int = 12) -> dict:
+    """A batch like tests/test_train_step.py's, built without importing torch.
 
-    return [synthetic_batch(seed, batch=8) for seed in range(count)]
+    Every row has the same rerouting mask, so equal-sized micro-batches have equal token counts
+    and gradient accumulation gives the full-batch mean.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rerouting_mask = np.ones((rows, rerouting_len), np.int32)
+    rerouting_mask[:, :3] = 0
+    rerouting_mask[:, -2:] = 0
+    retain_mask = np.ones((rows, retain_len), np.int32)
+    retain_mask[1:, -4:] = 0
+    return {
+        "rerouting_input_ids": rng.integers(3, 64, (rows, rerouting_len)).astype(np.int32),
+        "rerouting_attention_mask": rerouting_mask,
+        "rerouting_loss_mask": rerouting_mask,
+        "retain_input_ids": rng.integers(64, 128, (rows, retain_len)).astype(np.int32),
+        "retain_attention_mask": retain_mask,
+    }
+
+
+def batches(count: int) -> list[dict]:
+    return [training_batch(seed) for seed in range(count)]
 
 
 def run_steps(config, path: str, devices):

@@ -80,8 +80,9 @@ def test_empty_response_is_broken():
 
 def test_unlikely_response_is_broken():
     text = "zq vlorp xxk ptt"
-    assert classify_response(text, text.split(), -7.5, RULES).broken_reasons == ("unlikely",)
-    assert not classify_response(text, text.split(), -4.9, RULES).broken
+    threshold = RULES.min_log_likelihood
+    assert classify_response(text, text.split(), threshold - 0.1, RULES).broken_reasons == ("unlikely",)
+    assert not classify_response(text, text.split(), threshold + 0.1, RULES).broken
 
 
 def test_repeat_rate_hand_count():
@@ -168,6 +169,29 @@ def test_set_limit_spreads_rows(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c"}) + "\n" for i in range(10)))
     loaded = sets_lib.load_set(sets_lib.parse_set_spec(f"benign_completions={path}"), limit=5)
     assert [e.prompt for e in loaded.examples] == ["p0", "p2", "p4", "p6", "p8"]
+
+
+def test_sets_file_with_filter(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c", "label": str(i % 2)}) + "\n" for i in range(6)))
+    sets_file = tmp_path / "sets.yaml"
+    sets_file.write_text(f"- role: benign_completions\n  name: odd\n  source:\n    path: {path}\n    filter:\n      label: ['1']\n")
+    [spec] = sets_lib.load_sets_file(sets_file)
+    loaded = sets_lib.load_set(spec, limit=None)
+    assert loaded.name == "odd"
+    assert [e.prompt for e in loaded.examples] == ["p1", "p3", "p5"]
+
+
+def test_shared_data_sets_roles():
+    shared = REPO.parent / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip(f"shared data folder {shared} not found")
+    specs = {spec.name: spec for spec in sets_lib.shared_data_specs(shared)}
+    assert specs["harmbench"].role == "harmful_prompts"
+    assert specs["xstest_safe"].role == "benign_prompts"
+    xstest = sets_lib.load_set(specs["xstest_safe"], limit=None)
+    assert xstest.examples
+    assert all(example.completion == "" for example in xstest.examples)
 
 
 # ---------------------------------------------------------------- probe
@@ -284,6 +308,8 @@ def test_evaluate_writes_report_files(tiny_run_dir, tmp_path):
         "--sets", f"harmful_completions={data}/harmful.jsonl", f"benign_completions={data}/benign.jsonl",
         f"harmful_prompts={data}/harmful.jsonl?limit=3", f"benign_prompts={data}/benign.jsonl?limit=3",
         "--max-new-tokens", "4", "--batch-size", "4", "--request-length", "16", "--completion-length", "8",
+        # A random model's text scores about -ln(vocab size) per token; count it as fluent here.
+        "--min-log-likelihood", "-100",
     ])
     for name in ("report.json", "report.md", "training_curves.png", "layer_cosines.png"):
         assert (out / name).is_file(), name
@@ -291,7 +317,7 @@ def test_evaluate_writes_report_files(tiny_run_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["target_layers"] == [1, 2]
     assert set(report["generation"]) == {"harmful", "benign"}
-    assert set(report["representation"]) == {"harmful", "benign", "harmful/base_answers", "benign/base_answers"}
+    assert set(report["representation"]) == {"harmful", "benign", "harmful/base_responses", "benign/base_responses"}
     harmful = report["representation"]["harmful"]
     assert len(harmful["cosine"]) == 4  # embeddings + 3 layers
     assert harmful["cosine"][0] == pytest.approx(1.0)  # adapters cannot change the embeddings

@@ -1,8 +1,8 @@
-"""Embedding-space attack: a soft prompt optimised so that the model starts its answer with a target.
+"""Embedding-space attack: a soft prompt optimised so that the model starts its response with a target.
 
 Each prompt gets its own `num_embeddings` free input vectors, placed after the user text and
 before the assistant tag of the chat template. Adam minimises the mean negative log-likelihood of
-the target answer ("Sure, here is") given prompt and soft prompt; the model's weights stay fixed.
+the target response ("Sure, here is") given prompt and soft prompt; the model's weights stay fixed.
 All prompts of a batch are attacked at once in one compiled `lax.while_loop`. A prompt stops
 updating once its target NLL reaches `stop_nll`, and the loop ends when every prompt has stopped
 or after `steps` steps. The model then decodes greedily from the attacked embeddings.
@@ -39,6 +39,9 @@ class AttackConfig:
     # The soft prompt starts as copies of the embedding of this text's first token.
     init_text: str = "!"
     max_new_tokens: int = 64
+    # Minimum length of the padded request part. Batches of one length share a compiled program,
+    # so callers that attack many batches set it to the longest request of all of them.
+    prompt_length: int | None = None
 
     def __post_init__(self):
         if self.num_embeddings < 1 or self.steps < 1:
@@ -80,7 +83,7 @@ def attack_layout(tokenizer, prompts: Sequence[str], config: AttackConfig) -> At
     heads = [list(c.prefix + c.user) for c in conversations]
     requests = [head + [pad] * config.num_embeddings + list(c.middle) for head, c in zip(heads, conversations)]
     targets = [list(c.response) for c in conversations]
-    prompt_length = max(len(r) for r in requests)
+    prompt_length = max(config.prompt_length or 0, max(len(r) for r in requests))
     target_length = max(max(len(t) for t in targets), 1)
 
     batch = len(prompts)

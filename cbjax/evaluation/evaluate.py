@@ -35,7 +35,7 @@ def evaluate(pair: ModelPair, sets: list[EvalSet], settings: EvaluationSettings,
     generation = {}
     text_sets = [s for s in sets if not s.is_prompts]
     for eval_set in (s for s in sets if s.is_prompts):
-        logger.info("generating answers to %s (%d prompts)", eval_set.name, len(eval_set.examples))
+        logger.info("generating responses to %s (%d prompts)", eval_set.name, len(eval_set.examples))
         generation[eval_set.name] = evaluate_prompt_set(pair, eval_set, settings.generation)
         text_sets += base_response_set(eval_set, generation[eval_set.name])
 
@@ -64,17 +64,20 @@ def evaluate(pair: ModelPair, sets: list[EvalSet], settings: EvaluationSettings,
 
 
 def base_response_set(eval_set: EvalSet, result: dict) -> list[EvalSet]:
-    """The base model's own answers as texts to score: for a harmful prompt set they are the harmful
-    completions that circuit breakers should reroute (the demo trains on such answers)."""
+    """Return the base model's own responses as a text set to score.
+
+    For a harmful prompt set only the responses labelled complied are kept: they are the harmful
+    completions that circuit breakers should reroute (the demo trains on such responses).
+    """
     examples = tuple(
-        Example(r["prompt"], r["base_response"], f"{eval_set.name} base answer {i + 1}")
+        Example(r["prompt"], r["base_response"], f"{eval_set.name} base response {i + 1}")
         for i, r in enumerate(result["responses"])
-        if r["base_response"].strip()
+        if r["base_response"].strip() and (eval_set.kind == "benign" or r["base_label"] == "complied")
     )
     if not examples:
         return []
     role = f"{eval_set.kind}_completions"
-    return [EvalSet(f"{eval_set.name}/base_answers", role, examples)]
+    return [EvalSet(f"{eval_set.name}/base_responses", role, examples)]
 
 
 def target_layer_summary(result: dict, target_layers: tuple[int, ...]) -> dict:

@@ -77,7 +77,8 @@ def load_single(path: str, *, use_lora: bool = True) -> tuple[ModelHandle, objec
     """Load one model and its tokenizer; a training run gives its adapted model (or the base with `use_lora=False`)."""
     if is_run_dir(path):
         run = load_run(path)
-        return ModelHandle(adapted_model(run), use_lora, f"{path} (step {run.step})"), load_tokenizer(run.model_path)
+        description = f"{path} (step {run.step})" if use_lora else f"{run.model_path} (base of {path})"
+        return ModelHandle(adapted_model(run), use_lora, description), load_tokenizer(run.model_path)
     model_path = resolve_model_path(path)
     return ModelHandle(load_model(model_path).model, False, model_path), load_tokenizer(model_path)
 

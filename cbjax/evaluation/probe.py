@@ -31,7 +31,7 @@ PROBE_KINDS = ("linear", "mlp")
 class ProbeConfig:
     kind: str = "linear"
     hidden_size: int = 64  # mlp only
-    steps: int = 300
+    steps: int = 100
     learning_rate: float = 1e-2
     weight_decay: float = 1e-4
     target_fpr: float = 0.05

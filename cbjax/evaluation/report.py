@@ -40,7 +40,7 @@ def markdown_lines(report: dict) -> list[str]:
     lines += representation_rows(report["representation"])
     lines += [
         "",
-        "Blocked: share of answers that the rules label refused or broken (higher is safer on harmful "
+        "Blocked: share of responses that the rules label refused or broken (higher is safer on harmful "
         "prompts; on benign prompts it is over-refusal). NLL: mean negative log-likelihood per completion "
         "token, in nats. Cosine and norm change: trained vs base hidden states on completion tokens, "
         "averaged over the target layers.",

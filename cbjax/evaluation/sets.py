@@ -56,7 +56,7 @@ def check_role(role: str, where: str) -> None:
 
 
 def parse_set_spec(spec: str) -> SetSpec:
-    """Parse `ROLE[:NAME]=SOURCE[?key=value&...]`; NAME defaults to the file stem or dataset id."""
+    """Parse `ROLE[:NAME]=SOURCE[?key=value&...]`. NAME defaults to the file stem or dataset id."""
     if "=" not in spec:
         raise ValueError(f"set {spec!r} must have the form ROLE[:NAME]=PATH, e.g. harmful_prompts=data/prompts.jsonl")
     head, source_text = spec.split("=", 1)

@@ -137,10 +137,10 @@ def attend(
 
 
 def library_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, mask_Bx1xSxT, implementation: str | None) -> jax.Array:
-    """`jax.nn.dot_product_attention`, with fully masked query rows opened to every key.
+    """Call `jax.nn.dot_product_attention` with fully masked query rows opened to every key.
 
-    A left-padding query sees no valid key. Opening its row keeps the softmax finite whatever
-    the kernel does with an all-masked row; the row is padding, so its value is never used.
+    A left-padding query has no valid key. Opening its row keeps the softmax finite whatever the
+    kernel does with an all-masked row, and the row is padding, so its value is never used.
     """
     has_key = jnp.any(mask_Bx1xSxT, axis=-1, keepdims=True)
     mask = mask_Bx1xSxT | ~has_key

@@ -27,6 +27,8 @@ def call_layer(layer: nnx.Module, remat: str, *args, **kwargs):
     The layer runs as a pure function of its split state, which is valid because a decoder layer
     never writes to its variables. `nnx.remat` would write the state back to the caller's
     variables, and that fails when the model was merged inside `jax.grad`, as in the train step.
+    `kwargs` are closed over, so they may carry static options and arrays that need no gradient
+    (dropout keys). Arrays to differentiate must be in `args`.
     """
     check_remat(remat)
     if remat == "none":

@@ -1,12 +1,13 @@
 """Training-time self-attention through the Pallas splash-attention kernel (TPU).
 
-The dense (B, 1, S, S) mask is rebuilt from static parts the kernel understands: a causal or
-sliding-window mask, plus segment ids that are 1 for real tokens and 0 for padding, so that a
-real token sees only real keys. The diagonal of the dense mask is exactly the key validity,
-because every valid query sees itself. A padding query sees only padding keys (at least itself),
-so its row stays finite. The kernel works on blocks of 128 positions, so sequences are padded to
-a multiple of 128 with padding tokens. On backends other than TPU the kernel runs in Pallas
-interpret mode: correct but slow, meant for tests.
+The kernel takes no dense (B, 1, S, S) mask, so the mask is rebuilt from parts it understands.
+A static causal or sliding-window mask comes first. Segment ids that are 1 for real tokens and
+0 for padding then make a real token attend only to real keys. The diagonal of the dense mask
+is exactly the key validity, because every valid query attends to itself. A padding query
+attends only to padding keys (at least to itself), so its row stays finite. The kernel works on
+blocks of 128 positions, so sequences are padded to a multiple of 128 with padding tokens. On
+backends other than TPU the kernel runs in Pallas interpret mode: correct but slow, meant for
+tests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ BLOCK = 128
 
 
 def splash_attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xSxS, sliding_window: int | None = None) -> jax.Array:
-    """Attention equal to `dot_product_attention` on real query rows, through the splash kernel.
+    """Compute attention through the splash kernel, equal to `dot_product_attention` on real query rows.
 
     Under `cbjax.sharding.logical_rules` the kernel runs per shard in `shard_map`, split over
     the batch and, when query and key heads split alike, over heads.
@@ -71,7 +72,10 @@ def _kernel(num_heads: int, seq: int, sliding_window: int | None, interpret: boo
     if sliding_window is None:
         head_mask = splash.CausalMask((seq, seq))
     else:
-        # Query i sees key j when i - window < j <= i, as in `attention_mask`.
+        # Query i attends to key j when i - window < j <= i, as in `attention_mask`.
         head_mask = splash.LocalMask((seq, seq), window_size=(sliding_window - 1, 0), offset=0)
     mask = splash.MultiHeadMask([head_mask] * num_heads)
-    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # The kernel stores its block tables as jax arrays. Built eagerly, they are constants that
+    # the cached kernel can reuse in later traces; built during a trace, they would be tracers.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
