@@ -364,3 +364,35 @@ def test_step_flops_hand_count():
     # Frozen and adapted forwards over 2 layers, plus a backward of twice the adapted forward.
     assert flops["attention"] == 2 * 2 * 288 + 2 * 2 * 288 == 2304
     assert flops["total"] == 9600 + 9600 + 8320 + 13440 + 2304
+
+
+def test_probe_script_train_and_apply(tiny_run_dir, tmp_path):
+    data = tiny_run_dir.parent
+    probe_script = load_script("probe")
+    common = ["--model", str(tiny_run_dir), "--request-length", "16", "--completion-length", "8"]
+    probe_script.main(["train", *common, "--layer", "2", "--harmful", f"{data}/harmful.jsonl",
+                       "--benign", f"{data}/benign.jsonl", "--out", str(tmp_path / "probe")])
+    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert metrics["held_out"]["harmful_texts"] == 2  # 30% of 8, rounded
+    assert 0.0 <= metrics["held_out"]["detection_rate"] <= 1.0
+
+    out = tmp_path / "applied.json"
+    probe_script.main(["apply", *common, "--probe", str(tmp_path / "probe"), "--out", str(out),
+                       "--sets", f"harmful_completions={data}/harmful.jsonl"])
+    applied = json.loads(out.read_text())
+    assert applied["sets"]["harmful"]["texts"] == 8
+
+
+def test_attack_script_writes_results(tiny_run_dir, tmp_path):
+    data = tiny_run_dir.parent
+    load_script("attack").main([
+        "--trained", str(tiny_run_dir), "--out", str(tmp_path), "--sets", f"{data}/harmful.jsonl",
+        "--limit", "3", "--batch-size", "2", "--steps", "3", "--num-embeddings", "2", "--target", "w01",
+        "--max-new-tokens", "3",
+    ])
+    results = json.loads((tmp_path / "attack.json").read_text())
+    assert results["prompts"] == 3
+    for which in ("base", "trained"):
+        assert len(results[which]["responses"]) == 3
+        assert results[which]["steps_per_batch"] == [3, 3]
+        assert 0.0 <= results[which]["attack_success"] <= 1.0
