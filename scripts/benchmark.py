@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one round instead of two")
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant (default 2)")
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per process (default 1)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per process (default 2)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps per process after the first (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="CPU cores per worker (default 2)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
