@@ -19,8 +19,7 @@ and 4 retain rows of 256 tokens, random token ids, no padding. Variants:
 All use AdamW with global-norm clipping at 1.0. Each variant runs in its own process, pinned to
 --threads cores, so that its peak RSS is its own. The rounds alternate the variants and reverse
 their order every round, so that slow drift of the machine hits all of them. A process's first
-step is never timed: it includes cbjax's compilation and PyTorch's first allocations. The cbjax
-processes of one run share a JAX compilation cache, so only the first one compiles. Each worker
+step is never timed: it includes cbjax's compilation and PyTorch's first allocations. Each worker
 also times a 2048 x 2048 float32 matmul in its framework; the faster one is the peak for the
 FLOP/s shares. --profile times the parts of the cbjax step in the last round, after its timed
 steps and its peak RSS are recorded.
@@ -60,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps per process after the first (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="CPU cores per worker (default 2)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--profile", action="store_true", help="time the parts of the cbjax step (adds about 2 minutes)")
+    parser.add_argument("--profile", action="store_true", help="time the parts of the cbjax step (compiles five more programs)")
     parser.add_argument("--model", help="GGUF file (default: the fetched SmolLM2-135M-Instruct)")
     parser.add_argument("--json", type=Path, help="write all measurements here")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -114,10 +113,6 @@ def cbjax_worker(args, model_path: str, dropout: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    if os.environ.get("CBJAX_BENCHMARK_CACHE"):
-        jax.config.update("jax_compilation_cache_dir", os.environ["CBJAX_BENCHMARK_CACHE"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
     from cbjax import lora as lora_lib
     from cbjax.losses import LossConfig
     from cbjax.optim import OptimConfig, make_optimizer
@@ -159,22 +154,36 @@ def cbjax_worker(args, model_path: str, dropout: float) -> dict:
 
 
 def profile_parts(graphdef, adapters, frozen, batch, optimizer, config, step_seconds: float, reps: int = 3) -> dict:
-    """Median seconds of the step's parts, each jitted on its own: the frozen forwards, the whole
-    loss (frozen and adapted forwards), the loss with its gradient, and the optimizer update.
-    The differences give the adapted forwards and the backward pass."""
+    """Time the step's parts, each jitted on its own, and return median seconds.
+
+    Measured: the frozen forwards, the whole loss (frozen and adapted forwards), the loss with its
+    gradient, the optimizer update, and gradient plus update in one program without the
+    micro-batch `lax.scan` of `train_step`. The differences give the adapted forwards, the backward
+    pass and what the scan costs.
+    """
     import jax
     import jax.numpy as jnp
+    import optax
 
     from cbjax.train_step import frozen_targets, loss_and_metrics
 
     pair = (jnp.float32(9.9), jnp.float32(0.1))
     rng = jax.random.key(0)
+
+    def gradient(a, f, b):
+        return jax.grad(loss_and_metrics, has_aux=True)(a, graphdef, f, b, pair, rng, config.loss)[0]
+
+    def step_without_scan(a, s, f, b):
+        updates, s = optimizer.update(gradient(a, f, b), s, a)
+        return optax.apply_updates(a, updates), s
+
     frozen_fn = jax.jit(lambda a, f, b: frozen_targets(graphdef, a, f, b, config.loss))
     loss_fn = jax.jit(lambda a, f, b: loss_and_metrics(a, graphdef, f, b, pair, rng, config.loss)[0])
-    grad_fn = jax.jit(lambda a, f, b: jax.grad(loss_and_metrics, has_aux=True)(a, graphdef, f, b, pair, rng, config.loss)[0])
+    grad_fn = jax.jit(gradient)
+    update_fn = jax.jit(lambda g, s, a: optimizer.update(g, s, a))
+    plain_step_fn = jax.jit(step_without_scan)
     grads = grad_fn(adapters, frozen, batch)
     opt_state = optimizer.init(adapters)
-    update_fn = jax.jit(lambda g, s, a: optimizer.update(g, s, a))
 
     def median_seconds(fn, *inputs):
         jax.block_until_ready(fn(*inputs))  # compile
@@ -184,13 +193,14 @@ def profile_parts(graphdef, adapters, frozen, batch, optimizer, config, step_sec
     loss_s = median_seconds(loss_fn, adapters, frozen, batch)
     grad_s = median_seconds(grad_fn, adapters, frozen, batch)
     update_s = median_seconds(update_fn, grads, opt_state, adapters)
+    plain_step_s = median_seconds(plain_step_fn, adapters, opt_state, frozen, batch)
     return {
         "frozen forwards": frozen_s,
         "adapted forwards + losses": loss_s - frozen_s,
         "backward": grad_s - loss_s,
         "optimizer update": update_s,
-        "rest of the step": step_seconds - grad_s - update_s,
-        "whole step": step_seconds,
+        "step without the scan": plain_step_s,
+        "whole step (train_step)": step_seconds,
     }
 
 
@@ -311,7 +321,7 @@ def default_model() -> Path:
     return smollm2_gguf_path()
 
 
-def spawn(variant: str, args, profile: bool, cache_dir: str) -> dict:
+def spawn(variant: str, args, profile: bool) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [sys.executable, __file__, "--worker", variant, "--worker-out", str(out), "--steps", str(args.steps),
@@ -321,7 +331,7 @@ def spawn(variant: str, args, profile: bool, cache_dir: str) -> dict:
     if profile:
         command.append("--profile")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CBJAX_BENCHMARK_CACHE=cache_dir)
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     started = time.perf_counter()
     completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if completed.returncode != 0:
@@ -356,8 +366,7 @@ def summarize(runs: dict[str, list[dict]], flops: dict[str, int]) -> dict:
             "timed_steps": len(times),
             "tokens_per_second": tokens / median,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            # The first process's: later cbjax processes load the compiled step from the cache.
-            "first_step_seconds": results[0]["first_step_seconds"],
+            "first_step_seconds": statistics.median(r["first_step_seconds"] for r in results),
             "achieved_flops_per_second": flops["total"] / median,
             "share_of_matmul_peak": flops["total"] / median / peak,
         }
@@ -406,17 +415,15 @@ def main(argv=None) -> int:
         print(f"note: load average {load:.1f} before the run; other processes distort the timings", file=sys.stderr)
     runs: dict[str, list[dict]] = {variant: [] for variant in args.variants}
     started = time.perf_counter()
-    cache = tempfile.TemporaryDirectory(prefix="cbjax-benchmark-cache-")
     for round_index in range(args.rounds):
         order = args.variants if round_index % 2 == 0 else args.variants[::-1]
         for variant in order:
             profile = args.profile and variant == "cbjax" and round_index == args.rounds - 1
-            result = spawn(variant, args, profile, cache.name)
+            result = spawn(variant, args, profile)
             runs[variant].append(result)
             print(f"round {round_index + 1} {variant:16s} steps {', '.join(f'{t:.2f}' for t in result['step_seconds'])} s"
                   f"  (process {result['process_seconds']:.0f} s)", flush=True)
 
-    cache.cleanup()
     flops = needed_flops(model_path)
     summary = summarize(runs, flops)
     print_table(summary, flops, runs)
