@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def generate_in_batches(model, tokenizer, prompts, *, max_new_tokens, use_lora, batch_size=8) -> list[str]:
-    """Greedy answers, a fixed batch size so that every batch reuses one compilation."""
+    """Generate greedy completions in batches of one fixed size, so every batch reuses one compilation."""
     answers = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -97,7 +97,7 @@ def shared_data_config(config: Config) -> DataConfig:
 
 
 def trained_full_model(config: Config, model_path: str, adapters, adapted_layers):
-    """The full-depth model with the trained adapters attached (layers above the targets untouched)."""
+    """Load the full-depth model and attach the trained adapters (layers above the targets stay untouched)."""
     loaded = load_model(model_path)
     lora_lib.add_lora(loaded.model, config.lora, adapted_layers, seed=config.train.seed)
     nnx.update(loaded.model, adapters)

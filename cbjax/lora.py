@@ -59,7 +59,7 @@ def matches(module_path: str, targets: Sequence[str]) -> bool:
 
 
 def linear_modules(layer: nnx.Module) -> list[tuple[str, Linear]]:
-    """Every `Linear` inside one decoder layer, with its dotted path relative to the layer."""
+    """List every `Linear` inside one decoder layer with its dotted path relative to the layer."""
     found = []
     for path, node in nnx.iter_graph(layer):
         if isinstance(node, Linear):

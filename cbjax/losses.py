@@ -83,7 +83,7 @@ def masked_mean(values_NxBxS: jax.Array, mask_BxS: jax.Array) -> jax.Array:
 
 
 def random_unit_vector(dim: int, seed: int, kind: str) -> np.ndarray:
-    """A fixed unit vector: Gaussian ("gaussian"), uniform [0, 1) ("positive") or [-0.5, 0.5) ("centred")."""
+    """Return a fixed unit vector: Gaussian ("gaussian"), uniform [0, 1) ("positive") or [-0.5, 0.5) ("centred")."""
     rng = np.random.default_rng(seed)
     if kind == "gaussian":
         vector = rng.standard_normal(dim)
@@ -95,7 +95,7 @@ def random_unit_vector(dim: int, seed: int, kind: str) -> np.ndarray:
 
 
 def rerouting_loss(adapted_NxBxSxD, frozen_NxBxSxD, mask_BxS, config: LossConfig) -> jax.Array:
-    """The loss that pushes harmful-text representations away from the frozen model's.
+    """Compute the loss that pushes harmful-text representations away from the frozen model's.
 
     cosine: ReLU of the cosine to the frozen representation, masked, summed, divided by
     (mask sum x number of target layers), as the reference implementation does.

@@ -43,7 +43,7 @@ def load_run(run_dir: str | Path, step: int | None = None, model_path: str | Non
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} contains no checkpoint; train first or pass another run directory")
 
     layers = lora_layers(config)
     model_config = peek_config(model_path).with_layers(config.loss.max_target_layer)
@@ -58,7 +58,7 @@ def load_run(run_dir: str | Path, step: int | None = None, model_path: str | Non
 
 
 def adapted_model(run: TrainedRun, *, dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.Module:
-    """The full-depth base model with the run's adapters attached (not merged)."""
+    """Load the full-depth base model and attach the run's adapters without merging them."""
     loaded = load_model(run.model_path, dtype=dtype, param_dtype=param_dtype)
     lora_lib.add_lora(loaded.model, run.config.lora, run.adapted_layers, seed=run.config.train.seed)
     nnx.update(loaded.model, run.adapters)

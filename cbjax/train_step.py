@@ -55,7 +55,7 @@ def hidden_states(graphdef, adapters, frozen, input_ids, attention_mask, *, stop
 
 
 def frozen_targets(graphdef, adapters, frozen, batch, config: LossConfig):
-    """The frozen model's retain hidden states (all layers) and rerouting hidden states (target layers)."""
+    """Compute the frozen model's retain hidden states (all layers) and rerouting hidden states (target layers)."""
     stop = config.max_target_layer
     retain = hidden_states(
         graphdef, adapters, frozen, batch["retain_input_ids"], batch["retain_attention_mask"], stop=stop, use_lora=False
@@ -114,7 +114,7 @@ def split_micro_batches(batch: dict, accumulation_steps: int) -> dict:
 
 
 def train_step(state: TrainState, frozen, batch: dict, *, graphdef, optimizer, config: StepConfig):
-    """One optimizer update; pure, so it can be jitted with explicit shardings."""
+    """Run one optimizer update. The function is pure, so it can be jitted with explicit shardings."""
     step = state.step + 1
     pair = coefficients(step, config.total_steps, config.loss)
     step_rng = jax.random.fold_in(jax.random.key(config.seed), step)

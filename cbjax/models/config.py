@@ -67,7 +67,7 @@ class ModelConfig:
         return self.num_layers if self.kept_layers is None else self.kept_layers
 
     def with_layers(self, kept_layers: int) -> ModelConfig:
-        """The same architecture with only the first `kept_layers` layers built."""
+        """Return the same architecture with only the first `kept_layers` layers built."""
         self.check_layer(kept_layers, "kept layer count")
         return dataclasses.replace(self, kept_layers=kept_layers)
 

@@ -24,7 +24,7 @@ class ModelOutput(NamedTuple):
 
 
 def resolve_stop_layer(config: ModelConfig, stop_after_layer: int | None) -> int:
-    """The number of layers to run; a model built with dropped layers stops after its last one."""
+    """Return the number of layers to run. A model built with dropped layers stops after its last one."""
     if stop_after_layer is None:
         return config.built_layers
     config.check_layer(stop_after_layer, "stop_after_layer")
