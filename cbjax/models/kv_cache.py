@@ -19,12 +19,17 @@ class LayerCache(NamedTuple):
     keys: jax.Array
     values: jax.Array
     index: jax.Array
+    # The keys and values just written, so that `KVCache.advance` copies only these slots.
+    new_keys: jax.Array | None = None
+    new_values: jax.Array | None = None
 
     def write(self, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array) -> LayerCache:
         start = (0, self.index, 0, 0)
-        keys = jax.lax.dynamic_update_slice(self.keys, k_BxSxKxD.astype(self.keys.dtype), start)
-        values = jax.lax.dynamic_update_slice(self.values, v_BxSxKxD.astype(self.values.dtype), start)
-        return LayerCache(keys, values, self.index)
+        k_BxSxKxD = k_BxSxKxD.astype(self.keys.dtype)
+        v_BxSxKxD = v_BxSxKxD.astype(self.values.dtype)
+        keys = jax.lax.dynamic_update_slice(self.keys, k_BxSxKxD, start)
+        values = jax.lax.dynamic_update_slice(self.values, v_BxSxKxD, start)
+        return LayerCache(keys, values, self.index, k_BxSxKxD, v_BxSxKxD)
 
 
 class KVCache(NamedTuple):
@@ -60,9 +65,15 @@ class KVCache(NamedTuple):
         return LayerCache(self.keys[i], self.values[i], self.index)
 
     def advance(self, layers: list[LayerCache], seq: int) -> KVCache:
+        """Store each layer's new slots and move the write index past them.
+
+        Only the `seq` new positions are copied into the stacked buffers, not each layer's
+        whole buffer, so a decoding step costs O(new tokens) writes rather than O(cache size).
+        """
         keys = self.keys
         values = self.values
         for i, layer in enumerate(layers):
-            keys = keys.at[i].set(layer.keys)
-            values = values.at[i].set(layer.values)
+            start = (i, 0, self.index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(keys, layer.new_keys[None], start)
+            values = jax.lax.dynamic_update_slice(values, layer.new_values[None], start)
         return self._replace(keys=keys, values=values, index=self.index + seq)
