@@ -11,7 +11,8 @@ all seven projections of layers 0-19. Batch: 4 rerouting rows of 128 request + 1
 and 4 retain rows of 256 tokens, random token ids, no padding. Variants:
 
 - cbjax: the jitted `train_step` (LoRA dropout 0.05, no LM head).
-- cbjax-lean: the same with LoRA dropout 0 (not run by default).
+- cbjax-remat: the same with full rematerialisation of the decoder layers (model.remat full).
+- cbjax-lean: the same as cbjax with LoRA dropout 0 (not run by default).
 - torch-reference: the reference implementation's step: PEFT model called as a causal LM, so the
   LM head runs in all four passes; LoRA dropout 0.05; losses from tests/torch_reference.py.
 - torch-lean: the same without the LM head (the decoder is called directly) and without dropout.
@@ -22,7 +23,8 @@ their order every round, so that slow drift of the machine hits all of them. A p
 step is never timed: it includes cbjax's compilation and PyTorch's first allocations. Each worker
 also times a 2048 x 2048 float32 matmul in its framework; the faster one is the peak for the
 FLOP/s shares. --profile times the parts of the cbjax step in the last round, after its timed
-steps and its peak RSS are recorded.
+steps and its peak RSS are recorded. Every worker, PyTorch's included, runs with glibc's huge-page
+tunable (`cbjax.host_memory`) unless --no-huge-pages is given.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("cbjax", "cbjax-lean", "torch-reference", "torch-lean")
-DEFAULT_VARIANTS = ("cbjax", "torch-reference", "torch-lean")
+from cbjax.host_memory import environment_with_huge_pages  # noqa: E402 - needs the path above
+
+VARIANTS = ("cbjax", "cbjax-remat", "cbjax-lean", "torch-reference", "torch-lean")
+DEFAULT_VARIANTS = ("cbjax", "cbjax-remat", "torch-reference", "torch-lean")
 TARGET_LAYERS = (10, 20)
 BATCH, REQUEST, RESPONSE, RETAIN = 4, 128, 128, 256
 LORA_R, LORA_ALPHA = 16, 16
@@ -60,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU cores per worker (default 2)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--profile", action="store_true", help="time the parts of the cbjax step (compiles five more programs)")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="run the workers without glibc's huge-page tunable (see cbjax.host_memory)")
     parser.add_argument("--model", help="GGUF file (default: the fetched SmolLM2-135M-Instruct)")
     parser.add_argument("--json", type=Path, help="write all measurements here")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -107,7 +113,7 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
-def cbjax_worker(args, model_path: str, dropout: float) -> dict:
+def cbjax_worker(args, model_path: str, dropout: float, remat: str) -> dict:
     import functools
 
     import jax
@@ -115,12 +121,14 @@ def cbjax_worker(args, model_path: str, dropout: float) -> dict:
 
     from cbjax import lora as lora_lib
     from cbjax.losses import LossConfig
+    from cbjax.models.llama import set_execution
     from cbjax.optim import OptimConfig, make_optimizer
     from cbjax.train_step import StepConfig, TrainState, train_step
     from cbjax.weights.load import load_model
 
     started = time.perf_counter()
     loaded = load_model(model_path, num_layers=max(TARGET_LAYERS))
+    set_execution(loaded.model, "xla", remat)
     layers = range(max(TARGET_LAYERS))
     lora_lib.add_lora(loaded.model, lora_lib.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=dropout), layers)
     graphdef, adapters, frozen = lora_lib.split_lora(loaded.model)
@@ -306,7 +314,9 @@ def run_worker(args) -> None:
     pin_threads(args.threads)
     model_path = args.model or str(default_model())
     if args.worker.startswith("cbjax"):
-        result = cbjax_worker(args, model_path, dropout=0.0 if args.worker == "cbjax-lean" else 0.05)
+        dropout = 0.0 if args.worker == "cbjax-lean" else 0.05
+        remat = "full" if args.worker == "cbjax-remat" else "none"
+        result = cbjax_worker(args, model_path, dropout=dropout, remat=remat)
     else:
         result = torch_worker(args, model_path, lean=args.worker == "torch-lean")
     args.worker_out.write_text(json.dumps(result))
@@ -332,6 +342,8 @@ def spawn(variant: str, args, profile: bool) -> dict:
         command.append("--profile")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    if not args.no_huge_pages:
+        env = environment_with_huge_pages(env)
     started = time.perf_counter()
     completed = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if completed.returncode != 0:

@@ -47,4 +47,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from cbjax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     sys.exit(main())

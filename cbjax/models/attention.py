@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from cbjax.models.xla_attention import grouped_attention
 from cbjax.sharding import KEY_VALUE_AXES, QUERY_AXES, constrain
 
 # `xla`: the einsum below. `dot_product_attention`: `jax.nn.dot_product_attention` with
@@ -86,23 +87,11 @@ def dot_product_attention(
     v_BxTxKxD: jax.Array,
     mask_Bx1xSxT: jax.Array,
 ) -> jax.Array:
-    """Grouped-query attention without repeating keys and values; softmax in fp32.
-
-    Masked scores take the dtype's minimum rather than -inf, so a row whose keys are all masked
-    (a padding query) gets a uniform softmax and stays finite, as in transformers' eager attention.
-    """
+    """Grouped-query attention without repeating keys and values (see `grouped_attention`)."""
     batch, seq, num_heads, head_dim = q_BxSxHxD.shape
     num_kv_heads = k_BxTxKxD.shape[2]
-    groups = num_heads // num_kv_heads
-    q_BxSxKxGxD = q_BxSxHxD.reshape(batch, seq, num_kv_heads, groups, head_dim)
-
-    scores = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxD, k_BxTxKxD) * (head_dim**-0.5)
-    scores = scores.astype(jnp.float32)
-    mask = mask_Bx1xSxT[:, :, None, :, :]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxTxKxD.dtype)
-
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxTxKxD)
+    q_BxSxKxGxD = q_BxSxHxD.reshape(batch, seq, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = grouped_attention(q_BxSxKxGxD, k_BxTxKxD, v_BxTxKxD, mask_Bx1xSxT[:, :, None, :, :])
     return out.reshape(batch, seq, num_heads, head_dim)
 
 
