@@ -85,7 +85,7 @@ def random_lora_b(adapters):
 
 
 def training_batch(seed: int, rows: int = 8, rerouting_len: int = 10, retain_len: int = 12) -> dict:
-    """A batch like tests/test_train_step.py's, built without importing torch.
+    """Build a padded circuit-breaker batch of a tiny vocabulary, without importing torch.
 
     Every row has the same rerouting mask, so equal-sized micro-batches have equal token counts
     and gradient accumulation gives the full-batch mean.
@@ -94,11 +94,12 @@ def training_batch(seed: int, rows: int = 8, rerouting_len: int = 10, retain_len
 
     rng = np.random.default_rng(seed)
     rerouting_mask = np.ones((rows, rerouting_len), np.int32)
-    rerouting_mask[:, :3] = 0
-    rerouting_mask[:, -2:] = 0
+    rerouting_mask[:, :3] = 0  # left padding of the request
+    rerouting_mask[:, -2:] = 0  # right padding of the response
     retain_mask = np.ones((rows, retain_len), np.int32)
     retain_mask[1:, -4:] = 0
     return {
+        # Disjoint vocabularies make "harmful" and "benign" text separable for the tiny model.
         "rerouting_input_ids": rng.integers(3, 64, (rows, rerouting_len)).astype(np.int32),
         "rerouting_attention_mask": rerouting_mask,
         "rerouting_loss_mask": rerouting_mask,

@@ -20,27 +20,15 @@ from cbjax.train_step import StepConfig, TrainState, loss_and_metrics, train_ste
 from cbjax.weights.load import load_model
 from tests import torch_reference
 from tests.hf_reference import save_tiny_model
+from tests.sharding_worker import training_batch
 from tests.test_llama_parity import tiny_llama
 
 STOP = 2
 TARGETS = (1, 2)
 
 
-def synthetic_batch(seed: int, batch: int = 4, rerouting_len: int = 10, retain_len: int = 12) -> dict:
-    rng = np.random.default_rng(seed)
-    rerouting_mask = np.ones((batch, rerouting_len), np.int32)
-    rerouting_mask[:, :3] = 0  # left padding of the request
-    rerouting_mask[:, -2:] = 0  # right padding of the response
-    retain_mask = np.ones((batch, retain_len), np.int32)
-    retain_mask[1:, -4:] = 0
-    return {
-        # Disjoint vocabularies make "harmful" and "benign" text separable for the tiny model.
-        "rerouting_input_ids": rng.integers(3, 64, (batch, rerouting_len)).astype(np.int32),
-        "rerouting_attention_mask": rerouting_mask,
-        "rerouting_loss_mask": rerouting_mask,
-        "retain_input_ids": rng.integers(64, 128, (batch, retain_len)).astype(np.int32),
-        "retain_attention_mask": retain_mask,
-    }
+def synthetic_batch(seed: int) -> dict:
+    return training_batch(seed, rows=4)
 
 
 def adapted_tiny_model(tmp_path, *, r=4, alpha=8.0, dropout=0.0, random_b=False):
