@@ -21,8 +21,9 @@ All use AdamW with global-norm clipping at 1.0. Each variant runs in its own pro
 --threads cores, so that its peak RSS is its own. The rounds alternate the variants and reverse
 their order every round, so that slow drift of the machine hits all of them. A process's first
 step is never timed: it includes cbjax's compilation and PyTorch's first allocations. Each worker
-also times a 2048 x 2048 float32 matmul in its framework; the faster one is the peak for the
-FLOP/s shares. --profile times the parts of the cbjax step in the last round, after its timed
+also times a 2048 x 2048 float32 matmul in its framework (the faster one is the peak for the
+FLOP/s shares) and the step's four projection shapes, so that the table shows how far apart the
+two matmul libraries alone are. --profile times the parts of the cbjax step in the last round, after its timed
 steps and its peak RSS are recorded. Every worker, PyTorch's included, runs with glibc's huge-page
 tunable (`cbjax.host_memory`) unless --no-huge-pages is given.
 """
@@ -53,6 +54,14 @@ LORA_R, LORA_ALPHA = 16, 16
 LEARNING_RATE = 1e-4
 TOTAL_STEPS = 1000  # only sets the loss schedule's position; the same in both implementations
 MATMUL_SIZE = 2048
+# (tokens, in, out) of the step's projections: one pass is 4 rows of 256 tokens. Timed in each
+# worker's framework, they show how much of a gap between the variants is the matmul library.
+PROJECTION_MATMULS = {
+    "gate/up 1024x576x1536": (1024, 576, 1536),
+    "down 1024x1536x576": (1024, 1536, 576),
+    "q/o 1024x576x576": (1024, 576, 576),
+    "k/v 1024x576x192": (1024, 576, 192),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,6 +161,7 @@ def cbjax_worker(args, model_path: str, dropout: float, remat: str) -> dict:
         "first_step_seconds": compile_seconds,
         "step_seconds": times,
         "matmul_flops_per_second": jax_matmul_peak(),
+        "projection_matmul_flops_per_second": jax_projection_matmuls(),
         "peak_rss_mb": peak_rss_mb(),
     }
     if args.profile:
@@ -223,14 +233,22 @@ def xla_flops(step_fn, state, frozen, batch) -> float | None:
 
 
 def jax_matmul_peak() -> float:
+    return jax_matmul_flops(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, reps=5)
+
+
+def jax_projection_matmuls() -> dict[str, float]:
+    return {name: jax_matmul_flops(*shape, reps=20) for name, shape in PROJECTION_MATMULS.items()}
+
+
+def jax_matmul_flops(m: int, k: int, n: int, reps: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((MATMUL_SIZE, MATMUL_SIZE), jnp.float32)
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = min(timed(lambda: matmul(a, a).block_until_ready(), 5))
-    return 2 * MATMUL_SIZE**3 / best
+    matmul(a, b).block_until_ready()
+    best = min(timed(lambda: matmul(a, b).block_until_ready(), reps))
+    return 2 * m * k * n / best
 
 
 def torch_worker(args, model_path: str, lean: bool) -> dict:
@@ -297,17 +315,26 @@ def torch_worker(args, model_path: str, lean: bool) -> dict:
         "first_step_seconds": first,
         "step_seconds": times,
         "matmul_flops_per_second": torch_matmul_peak(),
+        "projection_matmul_flops_per_second": torch_projection_matmuls(),
         "peak_rss_mb": peak_rss_mb(),
     }
 
 
 def torch_matmul_peak() -> float:
+    return torch_matmul_flops(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, reps=5)
+
+
+def torch_projection_matmuls() -> dict[str, float]:
+    return {name: torch_matmul_flops(*shape, reps=20) for name, shape in PROJECTION_MATMULS.items()}
+
+
+def torch_matmul_flops(m: int, k: int, n: int, reps: int) -> float:
     import torch
 
-    a = torch.ones((MATMUL_SIZE, MATMUL_SIZE), dtype=torch.float32)
-    a @ a
-    best = min(timed(lambda: a @ a, 5))
-    return 2 * MATMUL_SIZE**3 / best
+    a, b = torch.ones((m, k), dtype=torch.float32), torch.ones((k, n), dtype=torch.float32)
+    a @ b
+    best = min(timed(lambda: a @ b, reps))
+    return 2 * m * k * n / best
 
 
 def run_worker(args) -> None:
@@ -385,7 +412,19 @@ def summarize(runs: dict[str, list[dict]], flops: dict[str, int]) -> dict:
     if "cbjax" in summary:
         for variant, entry in summary.items():
             entry["step_time_vs_cbjax"] = entry["median_step_seconds"] / summary["cbjax"]["median_step_seconds"]
-    return {"matmul_peak_flops_per_second": peak, "variants": summary}
+    return {"matmul_peak_flops_per_second": peak, "variants": summary, "projection_matmuls": best_projection_matmuls(runs)}
+
+
+def best_projection_matmuls(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Collect each framework's best FLOP/s per projection shape over all of its workers."""
+    best: dict[str, dict[str, float]] = {}
+    for variant, results in runs.items():
+        framework = "jax" if variant.startswith("cbjax") else "torch"
+        for result in results:
+            for name, flops in result.get("projection_matmul_flops_per_second", {}).items():
+                shape = best.setdefault(name, {})
+                shape[framework] = max(shape.get(framework, 0.0), flops)
+    return best
 
 
 def print_table(summary: dict, flops: dict[str, int], runs: dict) -> None:
@@ -404,6 +443,7 @@ def print_table(summary: dict, flops: dict[str, int], runs: dict) -> None:
               f"{100 * entry['share_of_matmul_peak']:6.1f}% {'' if ratio is None else f'{ratio:8.2f}x':>9s} "
               f"{entry['first_step_seconds']:13.1f}")
     print("(first step: untimed, includes cbjax's compilation; GFLOP/s: needed FLOPs / median step time)")
+    print_projection_matmuls(summary["projection_matmuls"])
     for result in runs.get("cbjax", []):
         if result.get("xla_flops"):
             print(f"XLA's cost analysis of the cbjax step: {result['xla_flops'] / 1e9:.1f} GFLOP")
@@ -413,6 +453,17 @@ def print_table(summary: dict, flops: dict[str, int], runs: dict) -> None:
             print("cbjax step by part (median seconds):")
             for part, seconds in result["profile"].items():
                 print(f"  {part:28s} {seconds:7.2f}")
+
+
+def print_projection_matmuls(best: dict[str, dict[str, float]]) -> None:
+    if not best:
+        return
+    print("float32 matmul GFLOP/s on the step's projection shapes (best worker of each framework):")
+    for name, by_framework in best.items():
+        jax_flops, torch_flops = by_framework.get("jax"), by_framework.get("torch")
+        ratio = f"  torch/jax {torch_flops / jax_flops:.2f}x" if jax_flops and torch_flops else ""
+        cells = "  ".join(f"{fw} {flops / 1e9:6.1f}" for fw, flops in sorted(by_framework.items()))
+        print(f"  {name:24s} {cells}{ratio}")
 
 
 def main(argv=None) -> int:

@@ -396,3 +396,19 @@ def test_attack_script_writes_results(tiny_run_dir, tmp_path):
         assert len(results[which]["responses"]) == 3
         assert results[which]["steps_per_batch"] == [3, 3]
         assert 0.0 <= results[which]["attack_success"] <= 1.0
+
+
+def test_benchmark_best_matmul_per_framework(capsys):
+    benchmark = load_script("benchmark")
+    runs = {
+        "cbjax": [{"projection_matmul_flops_per_second": {"down": 100e9}},
+                  {"projection_matmul_flops_per_second": {"down": 150e9}}],
+        "cbjax-remat": [{"projection_matmul_flops_per_second": {"down": 120e9}}],
+        "torch-lean": [{"projection_matmul_flops_per_second": {"down": 300e9}}],
+        "torch-reference": [{}],
+    }
+    best = benchmark.best_projection_matmuls(runs)
+    assert best == {"down": {"jax": 150e9, "torch": 300e9}}
+    benchmark.print_projection_matmuls(best)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split() == ["down", "jax", "150.0", "torch", "300.0", "torch/jax", "2.00x"]
