@@ -23,8 +23,8 @@ their order every round, so that slow drift of the machine hits all of them. A p
 step is never timed: it includes cbjax's compilation and PyTorch's first allocations. Each worker
 also times a 2048 x 2048 float32 matmul in its framework (the faster one is the peak for the
 FLOP/s shares) and the step's four projection shapes, so that the table shows how far apart the
-two matmul libraries alone are. --profile times the parts of the cbjax step in the last round, after its timed
-steps and its peak RSS are recorded. Every worker, PyTorch's included, runs with glibc's huge-page
+two matmul libraries alone are. --profile times the parts of the cbjax step in the last round,
+after its timed steps and its peak RSS are recorded. Every worker, PyTorch's included, runs with glibc's huge-page
 tunable (`cbjax.host_memory`) unless --no-huge-pages is given.
 """
 
@@ -54,14 +54,6 @@ LORA_R, LORA_ALPHA = 16, 16
 LEARNING_RATE = 1e-4
 TOTAL_STEPS = 1000  # only sets the loss schedule's position; the same in both implementations
 MATMUL_SIZE = 2048
-# (tokens, in, out) of the step's projections: one pass is 4 rows of 256 tokens. Timed in each
-# worker's framework, they show how much of a gap between the variants is the matmul library.
-PROJECTION_MATMULS = {
-    "gate/up 1024x576x1536": (1024, 576, 1536),
-    "down 1024x1536x576": (1024, 1536, 576),
-    "q/o 1024x576x576": (1024, 576, 576),
-    "k/v 1024x576x192": (1024, 576, 192),
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -161,7 +153,7 @@ def cbjax_worker(args, model_path: str, dropout: float, remat: str) -> dict:
         "first_step_seconds": compile_seconds,
         "step_seconds": times,
         "matmul_flops_per_second": jax_matmul_peak(),
-        "projection_matmul_flops_per_second": jax_projection_matmuls(),
+        "projection_matmul_flops_per_second": jax_projection_matmuls(projection_matmuls(model_path)),
         "peak_rss_mb": peak_rss_mb(),
     }
     if args.profile:
@@ -236,8 +228,8 @@ def jax_matmul_peak() -> float:
     return jax_matmul_flops(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, reps=5)
 
 
-def jax_projection_matmuls() -> dict[str, float]:
-    return {name: jax_matmul_flops(*shape, reps=20) for name, shape in PROJECTION_MATMULS.items()}
+def jax_projection_matmuls(shapes: dict[str, tuple[int, int, int]]) -> dict[str, float]:
+    return {name: jax_matmul_flops(*shape, reps=20) for name, shape in shapes.items()}
 
 
 def jax_matmul_flops(m: int, k: int, n: int, reps: int) -> float:
@@ -315,7 +307,7 @@ def torch_worker(args, model_path: str, lean: bool) -> dict:
         "first_step_seconds": first,
         "step_seconds": times,
         "matmul_flops_per_second": torch_matmul_peak(),
-        "projection_matmul_flops_per_second": torch_projection_matmuls(),
+        "projection_matmul_flops_per_second": torch_projection_matmuls(projection_matmuls(model_path)),
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -324,8 +316,8 @@ def torch_matmul_peak() -> float:
     return torch_matmul_flops(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, reps=5)
 
 
-def torch_projection_matmuls() -> dict[str, float]:
-    return {name: torch_matmul_flops(*shape, reps=20) for name, shape in PROJECTION_MATMULS.items()}
+def torch_projection_matmuls(shapes: dict[str, tuple[int, int, int]]) -> dict[str, float]:
+    return {name: torch_matmul_flops(*shape, reps=20) for name, shape in shapes.items()}
 
 
 def torch_matmul_flops(m: int, k: int, n: int, reps: int) -> float:
@@ -382,6 +374,23 @@ def spawn(variant: str, args, profile: bool) -> dict:
     return result
 
 
+def projection_matmuls(model_path: str) -> dict[str, tuple[int, int, int]]:
+    """Return the (tokens, in, out) shape of each projection matmul in one pass over a batch.
+
+    Timed in each worker's framework, they show how much of a gap between the variants is the
+    matmul library alone. Every pass has BATCH rows of RETAIN (= REQUEST + RESPONSE) tokens.
+    """
+    from cbjax.weights.load import peek_config
+
+    config = peek_config(model_path)
+    tokens = BATCH * RETAIN
+    hidden, mlp = config.hidden_size, config.intermediate_size
+    query, key_value = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"gate/up": (tokens, hidden, mlp), "down": (tokens, mlp, hidden),
+              "q": (tokens, hidden, query), "k/v": (tokens, hidden, key_value)}
+    return {f"{name} {m}x{k}x{n}": (m, k, n) for name, (m, k, n) in shapes.items()}
+
+
 def needed_flops(model_path: str) -> dict[str, int]:
     from cbjax.evaluation.flops import StepShape, step_flops
     from cbjax.weights.load import peek_config
@@ -422,8 +431,8 @@ def best_projection_matmuls(runs: dict[str, list[dict]]) -> dict[str, dict[str, 
         framework = "jax" if variant.startswith("cbjax") else "torch"
         for result in results:
             for name, flops in result.get("projection_matmul_flops_per_second", {}).items():
-                shape = best.setdefault(name, {})
-                shape[framework] = max(shape.get(framework, 0.0), flops)
+                by_framework = best.setdefault(name, {})
+                by_framework[framework] = max(by_framework.get(framework, 0.0), flops)
     return best
 
 
@@ -462,7 +471,7 @@ def print_projection_matmuls(best: dict[str, dict[str, float]]) -> None:
     for name, by_framework in best.items():
         jax_flops, torch_flops = by_framework.get("jax"), by_framework.get("torch")
         ratio = f"  torch/jax {torch_flops / jax_flops:.2f}x" if jax_flops and torch_flops else ""
-        cells = "  ".join(f"{fw} {flops / 1e9:6.1f}" for fw, flops in sorted(by_framework.items()))
+        cells = "  ".join(f"{framework} {flops / 1e9:6.1f}" for framework, flops in sorted(by_framework.items()))
         print(f"  {name:24s} {cells}{ratio}")
 
 
