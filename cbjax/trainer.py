@@ -89,6 +89,7 @@ def build_setup(config: Config, model_path: str | None = None, tokenizer=None, d
     model_path = resolve_model_path(model_path or config.model.path)
     full_config = peek_config(model_path)
     check_target_layers(full_config, config)
+    check_sequence_lengths(full_config, config)
     mesh = make_mesh(config.mesh)
     rules = dict(LOGICAL_AXIS_RULES)
     graphdef, adapters, frozen, adapted = load_adapted_model(config, model_path, mesh, rules)
@@ -124,6 +125,23 @@ def check_target_layers(full_config, config: Config) -> None:
         full_config.check_layer(layer, "loss.target_layers entry")
         if layer == 0:
             raise ValueError("loss.target_layers entry 0 is the embedding output, which adapters cannot change")
+
+
+def check_sequence_lengths(full_config, config: Config) -> None:
+    """Reject rows longer than a model with learned positions (GPT-2) has positions for."""
+    if full_config.family != "gpt2":
+        return
+    data = config.data
+    rows = {
+        "rerouting rows (data.request_length + data.response_length)": data.request_length + data.response_length,
+        "retain rows (data.retain_length)": data.retain_length,
+    }
+    for row_kind, length in rows.items():
+        if length > full_config.max_position_embeddings:
+            raise ValueError(
+                f"{row_kind} are {length} tokens long, but this GPT-2 model has "
+                f"{full_config.max_position_embeddings} learned positions (n_positions); shorten them"
+            )
 
 
 def parameter_counts(setup: Setup) -> dict[str, float]:

@@ -30,7 +30,7 @@ STAND_INS = {
     "mistral_7b.yaml": lambda: MistralForCausalLM(MistralConfig(
         vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=32,
         num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
-    "gpt2.yaml": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=12, n_head=4, n_positions=64)),
+    "gpt2.yaml": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=12, n_head=4, n_positions=1024)),
 }
 
 
@@ -45,6 +45,7 @@ def test_config_validates_against_architecture(tmp_path, name):
 
     architecture = peek_config(tmp_path)
     trainer.check_target_layers(architecture, config)
+    trainer.check_sequence_lengths(architecture, config)
     layers = trainer.lora_layers(config)
 
     assert max(layers) < config.loss.max_target_layer <= architecture.num_layers
@@ -60,6 +61,13 @@ def test_target_beyond_depth_is_an_error(tmp_path, name):
     config = load_config(CONFIGS / name, [f"loss.target_layers=[2, {architecture.num_layers + 1}]"])
     with pytest.raises(ValueError, match=f"entry {architecture.num_layers + 1} is out of range"):
         trainer.check_target_layers(architecture, config)
+
+
+def test_rows_past_gpt2_positions_raise(tmp_path):
+    STAND_INS["gpt2.yaml"]().save_pretrained(tmp_path)
+    config = load_config(CONFIGS / "gpt2.yaml", ["data.retain_length=1025"])
+    with pytest.raises(ValueError, match=r"retain rows \(data.retain_length\) are 1025 tokens long, .* 1024 learned"):
+        trainer.check_sequence_lengths(peek_config(tmp_path), config)
 
 
 FAMILIES = {

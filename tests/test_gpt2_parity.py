@@ -18,15 +18,8 @@ VOCAB = 128
 
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=64,
-        n_layer=3,
-        n_head=4,
-        n_positions=1024,
-        attn_implementation="eager",
-        **overrides,
-    )
+    settings = dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=1024, attn_implementation="eager")
+    config = GPT2Config(**{**settings, **overrides})
     model = GPT2LMHeadModel(config).eval()
     perturb_norms_and_biases(model, seed)
     return model
@@ -86,6 +79,7 @@ def test_gpt2_layer_dropping_keeps_prefix(tmp_path):
     out = dropped(jnp.asarray(ids), jnp.asarray(mask), return_logits=False)
 
     assert len(dropped.layers) == 2
+    assert dropped.ln_f is None
     assert len(out.hidden_states) == 3
     for layer, hidden in enumerate(out.hidden_states):
         np.testing.assert_array_equal(np.asarray(hidden), np.asarray(expected[layer]))
@@ -138,3 +132,24 @@ def test_gpt2_unsupported_config_rejected(tmp_path):
 
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         load_model(tmp_path)
+
+
+def test_gpt2_input_past_positions_raises(tmp_path):
+    directory = save_variant(tiny_gpt2(n_positions=8), tmp_path, "single")[0]
+    model = load_model(directory).model
+    ids = np.zeros((1, 9), np.int32)
+
+    assert np.all(np.isfinite(np.asarray(model(ids[:, :8]).logits)))
+    with pytest.raises(ValueError, match="8 learned positions .* input has 9 tokens"):
+        model(ids)
+
+
+def test_gpt2_generation_past_positions_raises(tmp_path):
+    from cbjax.generate import generate
+
+    directory = save_variant(tiny_gpt2(n_positions=8), tmp_path, "single")[0]
+    model = load_model(directory).model
+    ids = np.ones((1, 5), np.int32)
+
+    with pytest.raises(ValueError, match="reaches 9 positions, but this GPT-2 model has only 8"):
+        generate(model, ids, np.ones_like(ids), max_new_tokens=4, eos_token_ids=[0], pad_token_id=0)

@@ -20,6 +20,27 @@ def model_dir(tmp_path):
     return tmp_path
 
 
+def test_dropping_leaves_out_norm_and_head(model_dir):
+    full = load_model(model_dir).model
+    dropped = load_model(model_dir, num_layers=2).model
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+
+    assert dropped.norm is None
+    assert dropped.lm_head is None
+    assert len(dropped.layers) == 2
+    full_hidden = full(ids, return_logits=False).hidden_states
+    for layer, hidden in enumerate(dropped(ids, return_logits=False).hidden_states):
+        np.testing.assert_array_equal(np.asarray(hidden), np.asarray(full_hidden[layer]))
+    with pytest.raises(ValueError, match="logits need the full model"):
+        dropped(ids)
+
+
+def test_dropping_still_checks_head(model_dir):
+    rewrite_checkpoint(model_dir, drop=("lm_head.weight",))
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): lm_head\.weight"):
+        load_model(model_dir, num_layers=2)
+
+
 def test_missing_tensor_named(model_dir):
     rewrite_checkpoint(model_dir, drop=("model.layers.1.mlp.up_proj.weight",))
     with pytest.raises(CheckpointError, match=r"missing tensors \(1\): model\.layers\.1\.mlp\.up_proj\.weight"):

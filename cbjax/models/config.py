@@ -42,7 +42,7 @@ class ModelConfig:
     # GPT-2 only: the activation of the MLP.
     activation: str = "silu"
     # Layer dropping: build only the first `kept_layers` layers. `num_layers` stays the depth of
-    # the checkpoint, so hidden-state indices and the final norm keep their meaning.
+    # the checkpoint, so hidden-state indices keep their meaning.
     kept_layers: int | None = None
 
     def __post_init__(self):
@@ -65,6 +65,15 @@ class ModelConfig:
     @property
     def built_layers(self) -> int:
         return self.num_layers if self.kept_layers is None else self.kept_layers
+
+    @property
+    def builds_output(self) -> bool:
+        """Whether the final norm and the LM head are built.
+
+        A model with dropped layers never reaches them, and for untied 8B models the LM head alone
+        is about a billion bytes in bf16 that training would hold for nothing.
+        """
+        return self.built_layers == self.num_layers
 
     def with_layers(self, kept_layers: int) -> ModelConfig:
         """Return the same architecture with only the first `kept_layers` layers built."""

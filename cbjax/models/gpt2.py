@@ -107,7 +107,9 @@ class GPT2LMHeadModel(nnx.Module):
         self.layers = nnx.List(
             [GPT2Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.built_layers)]
         )
-        self.ln_f = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.ln_f = nnx.data(None)
+        if config.builds_output:
+            self.ln_f = LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(
         self,
@@ -125,13 +127,16 @@ class GPT2LMHeadModel(nnx.Module):
         """Run the model and return every hidden state up to `stop_after_layer` (see `ModelOutput`).
 
         Arguments as in `LlamaForCausalLM.__call__`. Hidden state 0 is the token plus position
-        embedding. Positions must stay below `config.max_position_embeddings`.
+        embedding. Positions must stay below `config.max_position_embeddings`. Without a cache the
+        input length is checked here; `cbjax.generate` checks prompts plus new tokens, and explicit
+        `position_ids` are the caller's to keep in range.
         """
         tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         batch, seq, _ = tokens.shape
+        if cache is None:
+            check_input_length(self.config, seq)
         stop = resolve_stop_layer(self.config, stop_after_layer)
         mask, position_ids, cache = mask_and_positions(self.config, attention_mask, position_ids, cache, batch, seq)
-        # NOTE: jnp.take returns NaN rows for positions >= max_position_embeddings instead of raising.
         x = constrain(tokens + self.wpe(position_ids), HIDDEN_AXES)
 
         hidden_states = [x]
@@ -158,3 +163,16 @@ class GPT2LMHeadModel(nnx.Module):
 
     def lm_logits(self, final_BxSxD: jax.Array) -> jax.Array:
         return self.wte.attend(final_BxSxD)
+
+
+def check_input_length(config: ModelConfig, seq: int) -> None:
+    """Raise if an input of `seq` tokens needs more learned positions than the model has.
+
+    Out of range, the position lookup would return NaN rows rather than fail.
+    """
+    if seq > config.max_position_embeddings:
+        raise ValueError(
+            f"GPT-2 has {config.max_position_embeddings} learned positions (n_positions), but the input "
+            f"has {seq} tokens; shorten the sequences (data.request_length, data.response_length, "
+            f"data.retain_length when training)"
+        )

@@ -115,9 +115,11 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = nnx.List(
             [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.built_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = nnx.data(None)
         self.lm_head = nnx.data(None)
-        if not config.tie_word_embeddings:
+        if config.builds_output:
+            self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if config.builds_output and not config.tie_word_embeddings:
             self.lm_head = Linear(
                 config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
             )

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from cbjax.models import abstract_model
 from cbjax.models.config import ModelConfig, from_hf_config
 from cbjax.weights.hf_checkpoint import HFCheckpoint, read_config, resolve_model_dir
-from cbjax.weights.mapping import TensorSpec, is_ignored_buffer, tensor_specs
+from cbjax.weights.mapping import TensorSpec, is_built, is_ignored_buffer, tensor_specs
 from cbjax.weights.safetensors_io import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -76,15 +76,15 @@ def load_weights(
     """Fill `model`'s parameters from `source`.
 
     When the model keeps fewer layers than the checkpoint has (layer dropping), the tensors of the
-    dropped layers must still be present but are not read.
+    dropped layers, the final norm and the LM head must still be present but are not read.
     `sharding_for(path, shape)` may return a `jax.sharding.Sharding` to place each tensor directly
     into its shards.
     """
     specs = tensor_specs(config, source.names())
     check_keys(config, source, specs, origin)
 
-    wanted = [s for s in specs if not (s.path[0] == "layers" and s.path[1] >= config.built_layers)]
-    for spec in tqdm(wanted, desc="loading weights", disable=len(wanted) < 200, leave=False):
+    to_read = [s for s in specs if is_built(config, s)]
+    for spec in tqdm(to_read, desc="loading weights", disable=len(to_read) < 200, leave=False):
         variable = variable_at(model, spec.path)
         target = variable.get_value()
         array = source.get(spec.hf_name)

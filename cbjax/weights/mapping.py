@@ -48,6 +48,19 @@ def tensor_specs(config: ModelConfig, checkpoint_names: Iterable[str] | None = N
     raise ValueError(f"no weight mapping for family {config.family!r}")
 
 
+# Top-level parameters after the last layer, which a model with dropped layers does not build.
+OUTPUT_PARAMETERS = ("norm", "lm_head", "ln_f")
+
+
+def is_built(config: ModelConfig, spec: TensorSpec) -> bool:
+    """Return whether the model of `config` builds the parameter of `spec`, which layer dropping may leave out."""
+    if spec.path[0] == "layers":
+        return spec.path[1] < config.built_layers
+    if spec.path[0] in OUTPUT_PARAMETERS:
+        return config.builds_output
+    return True
+
+
 def is_ignored_buffer(config: ModelConfig, hf_name: str) -> bool:
     return any(p.fullmatch(hf_name) for p in IGNORED_BUFFERS.get(config.family, ()))
 
