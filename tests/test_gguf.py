@@ -19,7 +19,10 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from cbjax import fetch
 from cbjax.models.config import from_hf_config
 from cbjax.weights.gguf_loader import GGUFCheckpoint, gguf_config, load_tokenizer_from_gguf
+from cbjax.weights.load import load_model
 from cbjax.weights.safetensors_io import CheckpointError
+from tests.hf_reference import left_padded_batch
+from tests.parity_checks import compare_with_transformers
 
 TINY = dict(vocab=64, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, head_dim=8)
 
@@ -87,32 +90,34 @@ def write_tiny_gguf(
     architecture: str = "llama",
     extra: dict[str, np.ndarray] | None = None,
     linear_rope_factor: float | None = None,
+    sizes: dict[str, int] = TINY,
+    rope_theta: float = 10000.0,
 ) -> Path:
     """Write `hf_tensors` as llama.cpp's converter would: llama.cpp names, q and k rows permuted.
 
-    `extra` adds tensors under their llama.cpp names as they are.
+    `extra` adds tensors under their llama.cpp names as they are. `sizes` has the keys of `TINY`.
     """
     writer = gguf.GGUFWriter(str(path), architecture)
     if linear_rope_factor is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(linear_rope_factor)
-    writer.add_block_count(TINY["layers"])
+    writer.add_block_count(sizes["layers"])
     writer.add_context_length(128)
-    writer.add_embedding_length(TINY["hidden"])
-    writer.add_feed_forward_length(TINY["intermediate"])
-    writer.add_head_count(TINY["heads"])
-    writer.add_head_count_kv(TINY["kv_heads"])
-    writer.add_rope_dimension_count(TINY["head_dim"])
-    writer.add_rope_freq_base(10000.0)
+    writer.add_embedding_length(sizes["hidden"])
+    writer.add_feed_forward_length(sizes["intermediate"])
+    writer.add_head_count(sizes["heads"])
+    writer.add_head_count_kv(sizes["kv_heads"])
+    writer.add_rope_dimension_count(sizes["head_dim"])
+    writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(TINY["vocab"])
+    writer.add_vocab_size(sizes["vocab"])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     for name, weights in hf_tensors.items():
         if ".q_proj." in name:
-            weights = llama_cpp_permute(weights, TINY["heads"])
+            weights = llama_cpp_permute(weights, sizes["heads"])
         elif ".k_proj." in name:
-            weights = llama_cpp_permute(weights, TINY["kv_heads"])
+            weights = llama_cpp_permute(weights, sizes["kv_heads"])
         writer.add_tensor(llama_cpp_name(name), weights)
     for name, weights in (extra or {}).items():
         writer.add_tensor(name, weights)
@@ -226,12 +231,88 @@ def test_linear_rope_scaling_read(tmp_path):
     assert from_hf_config(config).rope_scaling.factor == 2.0
 
 
-def test_rope_frequency_factors_rejected(tmp_path):
+# Llama 3.1's rope scaling, and sizes with enough rotary frequencies (32) that several of them
+# fall between the unscaled and the fully scaled band.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+WIDE = dict(TINY, hidden=128, heads=2, kv_heads=1, head_dim=64)
+
+
+def llama_cpp_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarray:
+    """Per-frequency divisors as llama.cpp's converter derives them from a llama3 `rope_scaling`."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelength = 2 * np.pi / inv_freq
+    context = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    smooth = (context / wavelength - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelength < context / high, 1.0, np.where(wavelength > context / low, factor, between))
+    return factors.astype(np.float32)
+
+
+def wide_llama31(tmp_path, factors: np.ndarray | None):
+    """A random transformers Llama with Llama 3.1 rope scaling, and its GGUF file with `factors`."""
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=WIDE["vocab"], hidden_size=WIDE["hidden"], intermediate_size=WIDE["intermediate"],
+        num_hidden_layers=WIDE["layers"], num_attention_heads=WIDE["heads"], num_key_value_heads=WIDE["kv_heads"],
+        head_dim=WIDE["head_dim"], rope_theta=500000.0, rope_scaling=dict(LLAMA31_ROPE), rms_norm_eps=1e-5,
+        max_position_embeddings=131072, attn_implementation="eager",
+    )).eval()
+    with torch.no_grad():
+        # Sharper attention, so that the rotation of queries against keys shows in the outputs.
+        for layer in hf_model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
+    tensors = {name: value.numpy() for name, value in hf_model.state_dict().items()}
+    extra = None if factors is None else {"rope_freqs.weight": factors}
+    path = write_tiny_gguf(tmp_path / "llama31.gguf", tensors, extra=extra, sizes=WIDE, rope_theta=500000.0)
+    return hf_model, path
+
+
+def test_llama3_rope_factors_recovered(tmp_path):
+    factors = llama_cpp_rope_factors(500000.0, WIDE["head_dim"], LLAMA31_ROPE)
+    _, path = wide_llama31(tmp_path, factors)
+
+    assert 1.0 < np.sort(factors)[-1] == 8.0
+    assert np.sum((factors > 1) & (factors < 8)) >= 2
+    assert gguf_config(path)["rope_scaling"] == LLAMA31_ROPE
+    assert "rope_freqs.weight" not in GGUFCheckpoint(path).names()
+
+
+def test_llama3_rope_factors_match_transformers(tmp_path):
+    hf_model, path = wide_llama31(tmp_path, llama_cpp_rope_factors(500000.0, WIDE["head_dim"], LLAMA31_ROPE))
+    ids, mask, positions = left_padded_batch(WIDE["vocab"], [24, 17], 24)
+    # Far positions, where the scaled low frequencies turn the most.
+    positions = positions + 6000
+
+    compare_with_transformers(load_model(path).model, hf_model, ids, mask, positions)
+
+
+def test_llama3_without_factors_differs(tmp_path):
+    hf_model, path = wide_llama31(tmp_path, factors=None)
+    ids, mask, positions = left_padded_batch(WIDE["vocab"], [24, 17], 24)
+
+    with pytest.raises(AssertionError, match="max abs diff"):
+        compare_with_transformers(load_model(path).model, hf_model, ids, mask, positions + 6000)
+
+
+def test_rope_factors_of_one_mean_no_scaling(tmp_path):
     tensors = tiny_llama_tensors(tied=True, attention_bias=False)
     factors = {"rope_freqs.weight": np.ones(TINY["head_dim"] // 2, np.float32)}
     path = write_tiny_gguf(tmp_path / "tiny.gguf", tensors, extra=factors)
 
-    with pytest.raises(ValueError, match="per-frequency rope factors") as raised:
+    assert "rope_scaling" not in gguf_config(path)
+
+
+@pytest.mark.parametrize("factors, message", [
+    (np.linspace(1.0, 8.0, 32) ** 1.5, "do not follow llama3 rope scaling: the closest fit"),
+    (np.ones(16), "has 16 factors, but a head of 64 needs 32"),
+])
+def test_unmatched_rope_factors_rejected(tmp_path, factors, message):
+    _, path = wide_llama31(tmp_path, factors.astype(np.float32))
+
+    with pytest.raises(ValueError, match=message) as raised:
         gguf_config(path)
     assert str(path) in str(raised.value)
 

@@ -19,6 +19,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from cbjax.weights.gguf_rope import llama3_scaling_from_factors
 from cbjax.weights.safetensors_io import CheckpointError
 
 # llama.cpp tensor names (per block: `blk.N.<name>`) and their Hugging Face `LlamaForCausalLM` names.
@@ -38,6 +39,8 @@ BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Rope frequency factors: configuration stored as a tensor, read by `gguf_config`, not a weight.
+ROPE_FACTORS = "rope_freqs.weight"
 BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias)")
 
@@ -77,7 +80,7 @@ def gguf_config(reader_or_path: gguf.GGUFReader | str | os.PathLike) -> dict[str
     """Build a Hugging Face `LlamaConfig`-style dict from the `llama.*` metadata of a GGUF file.
 
     Raises `ValueError` when `general.architecture` is not `llama`, when a required key is missing, or
-    when the file stores rope scaling as per-frequency factors, which this dict cannot express.
+    when the file's per-frequency rope factors follow no llama3 rope scaling (see `cbjax.weights.gguf_rope`).
     """
     reader = reader_or_path if isinstance(reader_or_path, gguf.GGUFReader) else open_gguf(reader_or_path)
     path = Path(reader.data.filename)
@@ -105,10 +108,15 @@ def gguf_config(reader_or_path: gguf.GGUFReader | str | os.PathLike) -> dict[str
         if value is not None:
             config[field] = value
 
-    if "rope_freqs.weight" in tensor_names:
-        # llama.cpp stores Llama 3.1 rope scaling as per-frequency factors, not as its parameters.
-        raise ValueError(f"{path}: per-frequency rope factors (tensor rope_freqs.weight) are not supported")
     rope_scaling = _rope_scaling(reader)
+    if ROPE_FACTORS in tensor_names:
+        rope_scaling = llama3_scaling_from_factors(
+            path,
+            _tensor(reader, ROPE_FACTORS).data,
+            float(config.get("rope_theta", 10000.0)),
+            config["head_dim"],
+            _field(reader, "llama.rope.scaling.original_context_length"),
+        )
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
@@ -121,7 +129,9 @@ class GGUFCheckpoint:
         self.path = Path(path)
         self._reader = open_gguf(self.path)
         self._config = gguf_config(self._reader)
-        self._tensors = {hf_tensor_name(self.path, tensor.name): tensor for tensor in self._reader.tensors}
+        self._tensors = {
+            hf_tensor_name(self.path, tensor.name): tensor for tensor in self._reader.tensors if tensor.name != ROPE_FACTORS
+        }
 
     def names(self) -> list[str]:
         return list(self._tensors)
