@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(VENV)/bin/python scripts/train.py
+	$(VENV)/bin/python scripts/train.py --overwrite
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

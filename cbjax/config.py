@@ -105,18 +105,52 @@ def _build(cls, values: Any, where: str):
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
+        key = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{where}.{name}" if where else name)
-        elif _is_tuple(hint) and isinstance(value, list):
-            value = tuple(value)
+            value = _build(hint, value, key)
+        else:
+            value = _checked_value(hint, value, key)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+# Plain field types, the value types each accepts, and their name in errors.
+PLAIN_TYPES = {int: ((int,), "an integer"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
+               str: ((str,), "a string")}
+
+
+def _checked_value(hint, value, key: str):
+    """Return `value` for a field of type `hint`, lists as tuples, or raise naming `key`.
+
+    Only plain types and tuples are checked; other hints are left to the section's own checks.
+    """
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    if _is_tuple(hint):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
+        return tuple(value)
+    plain = [option for option in options if option in PLAIN_TYPES]
+    if not plain:
+        return value
+    for option in plain:
+        accepted, _ = PLAIN_TYPES[option]
+        # bool is a subclass of int, but `steps: true` is a mistake, not the number 1.
+        if isinstance(value, accepted) and (option is bool or not isinstance(value, bool)):
+            return float(value) if option is float else value
+    expected = " or ".join(PLAIN_TYPES[option][1] for option in plain)
+    raise ValueError(f"config key {key!r} must be {expected}, got {value!r}")
+
+
+def _is_union(hint) -> bool:
+    return isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
 
 
 def _is_tuple(hint) -> bool:
     if typing.get_origin(hint) is tuple:
         return True
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    if _is_union(hint):
         return any(typing.get_origin(arg) is tuple for arg in typing.get_args(hint))
     return False
 

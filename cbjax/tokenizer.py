@@ -7,11 +7,25 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 
+SAMPLE_TEXT = "Hello world"
+
+
 def load_tokenizer(name_or_path: str):
+    """Load the tokenizer of a model directory, hub id or GGUF file, and check that it produces tokens."""
     path = Path(name_or_path)
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+
+    # Without tokenizer files, transformers can build an empty GPT-2 tokenizer, and a run would
+    # then train on rows that contain no tokens.
+    if not tokenizer(SAMPLE_TEXT, add_special_tokens=False).input_ids:
+        raise ValueError(
+            f"{name_or_path}: the tokenizer turns {SAMPLE_TEXT!r} into no tokens; the model folder is "
+            f"probably missing its tokenizer files (tokenizer.json, or vocab.json and merges.txt)"
+        )
+    return tokenizer
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

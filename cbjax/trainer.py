@@ -17,6 +17,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from cbjax import lora as lora_lib
+from cbjax import run_directory
 from cbjax.checkpoint import Checkpointer
 from cbjax.config import Config
 from cbjax.data.batches import CircuitBreakerData
@@ -212,13 +213,23 @@ def to_python(metrics: dict) -> dict:
     return {k: float(v) if np.ndim(v) == 0 and not isinstance(v, (int, np.integer)) else v for k, v in jax.device_get(metrics).items()}
 
 
-def train(config: Config, *, resume: bool = False, setup: Setup | None = None, stop_after: int | None = None) -> dict:
-    """Run training to `config.train.steps` (or `stop_after` steps, for tests); return the last metrics."""
+def train(
+    config: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    setup: Setup | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Run training to `config.train.steps` (or `stop_after` steps, for tests); return the last metrics.
+
+    An earlier run in `train.output_dir` is continued with `resume`, replaced with `overwrite`,
+    and otherwise an error (see `cbjax.run_directory`).
+    """
+    run_directory.prepare(config, resume=resume, overwrite=overwrite)
     setup = setup or build_setup(config)
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     log_setup(setup)
 
     step_fn, validate_fn, state, frozen, batch_shardings = compile_functions(setup)
@@ -230,7 +241,13 @@ def train(config: Config, *, resume: bool = False, setup: Setup | None = None, s
         start = int(state.step)
         logger.info("resumed from step %d", start)
 
-    metrics_writer = MetricsWriter(output_dir / "metrics.jsonl")
+    # Written only now, so that a failed resume leaves the run's own config in place.
+    if jax.process_index() == 0:
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    metrics_path = output_dir / "metrics.jsonl"
+    if resume:
+        run_directory.truncate_metrics(metrics_path, start)
+    metrics_writer = MetricsWriter(metrics_path)
     validation_batch = place_batch(setup.data.validation_batch(), batch_shardings)
     last = run_loop(setup, step_fn, validate_fn, state, frozen, batch_shardings, validation_batch,
                     checkpointer, metrics_writer, start, stop_after)
@@ -295,6 +312,11 @@ def check_resume_metadata(metadata: dict, config: Config) -> None:
         raise ValueError(
             f"cannot resume: the checkpoint was written with train.seed {metadata.get('seed')}, "
             f"the config has {config.train.seed}"
+        )
+    if metadata.get("steps", config.train.steps) != config.train.steps:
+        raise ValueError(
+            f"cannot resume: the checkpoint was written for train.steps {metadata['steps']}, the config "
+            f"has {config.train.steps}, and the loss schedule depends on it"
         )
 
 

@@ -23,6 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cbjax.cli_args import positive_int  # noqa: E402  (after the path is set)
+
 DEFAULT_SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -33,14 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output directory for attack.json")
     parser.add_argument("--sets", nargs="*", help="harmful prompt sets as SOURCE[?options] (default: demo + shared data)")
     parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA)
-    parser.add_argument("--limit", type=int, default=16, help="maximum prompts per set (default 16)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts attacked together (default 8)")
-    parser.add_argument("--num-embeddings", type=int, default=16, help="soft prompt length in vectors (default 16)")
-    parser.add_argument("--steps", type=int, default=100, help="maximum Adam steps (default 100)")
+    parser.add_argument("--limit", type=positive_int, default=16, help="maximum prompts per set (default 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts attacked together (default 8)")
+    parser.add_argument("--num-embeddings", type=positive_int, default=16, help="soft prompt length in vectors (default 16)")
+    parser.add_argument("--steps", type=positive_int, default=100, help="maximum Adam steps (default 100)")
     parser.add_argument("--learning-rate", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
     parser.add_argument("--stop-nll", type=float, default=0.05, help="a prompt stops at this target NLL per token (default 0.05)")
     parser.add_argument("--target", default="Sure, here is", help="response prefix that the attack optimises for")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum generated tokens per response (default 64)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="maximum generated tokens per response (default 64)")
     parser.add_argument("--judge", help="command that labels responses (see cbjax/evaluation/judge.py)")
     return parser.parse_args(argv)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cbjax.cli_args import positive_int  # noqa: E402  (after the path is set)
+
 DEFAULT_SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -35,12 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA,
                         help=f"public data folder used when no set is given (default {DEFAULT_SHARED_DATA})")
     parser.add_argument("--no-demo-sets", action="store_true", help="leave out the demo's held-out prompts")
-    parser.add_argument("--limit", type=int, default=32, help="maximum rows per set, spread over the set (default 32)")
+    parser.add_argument("--limit", type=positive_int, default=32, help="maximum rows per set, spread over the set (default 32)")
     parser.add_argument("--target-layers", type=int, nargs="*", help="hidden-state indices to summarise (default: the run's)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum generated tokens per response (default 64)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward or generation batch (default 8)")
-    parser.add_argument("--request-length", type=int, default=128, help="token budget of a scored request (default 128)")
-    parser.add_argument("--completion-length", type=int, default=128, help="token budget of a scored completion (default 128)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="maximum generated tokens per response (default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward or generation batch (default 8)")
+    parser.add_argument("--request-length", type=positive_int, default=128, help="token budget of a scored request (default 128)")
+    parser.add_argument("--completion-length", type=positive_int, default=128, help="token budget of a scored completion (default 128)")
     parser.add_argument("--refusal-phrases", type=Path, help="text file with one refusal phrase per line (replaces the default list)")
     parser.add_argument("--min-log-likelihood", type=float, default=-4.0,
                         help="broken if the base model's mean log-likelihood per token is below this, in nats (default -4)")

@@ -24,6 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cbjax.cli_args import positive_int  # noqa: E402  (after the path is set)
+
 DEFAULT_SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -34,10 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         command = commands.add_parser(name)
         command.add_argument("--model", required=True, help="training run, Hugging Face directory, hub id or .gguf")
         command.add_argument("--base-model", action="store_true", help="with a training run: probe its base model")
-        command.add_argument("--limit", type=int, default=150, help="maximum texts per set (default 150)")
-        command.add_argument("--batch-size", type=int, default=8)
-        command.add_argument("--request-length", type=int, default=128, help="request token budget (default 128)")
-        command.add_argument("--completion-length", type=int, default=128, help="completion token budget (default 128)")
+        command.add_argument("--limit", type=positive_int, default=150, help="maximum texts per set (default 150)")
+        command.add_argument("--batch-size", type=positive_int, default=8)
+        command.add_argument("--request-length", type=positive_int, default=128, help="request token budget (default 128)")
+        command.add_argument("--completion-length", type=positive_int, default=128, help="completion token budget (default 128)")
 
     train = commands.choices["train"]
     train.add_argument("--layer", type=int, default=10, help="hidden-state index to probe (default 10)")
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--kind", choices=("linear", "mlp"), default="linear")
     train.add_argument("--target-fpr", type=float, default=0.05, help="share of benign calibration texts flagged (default 0.05)")
     train.add_argument("--held-out-fraction", type=float, default=0.3, help="share of each set kept for the report (default 0.3)")
-    train.add_argument("--steps", type=int, default=100, help="full-batch optimizer steps (default 100)")
+    train.add_argument("--steps", type=positive_int, default=100, help="full-batch optimizer steps (default 100)")
     train.add_argument("--out", required=True, type=Path, help="directory for probe.npz, probe.json and metrics.json")
 
     apply = commands.choices["apply"]

@@ -20,8 +20,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: the SmolLM2 demo)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run in train.output_dir and start again"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.steps=20 loss.alpha=5")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    return args
 
 
 def main(argv=None) -> int:
@@ -31,15 +37,17 @@ def main(argv=None) -> int:
     initialize_distributed()
     setup_logging()
     from cbjax.config import load_config
-    from cbjax import demo, trainer
+    from cbjax import demo, run_directory, trainer
 
     config = load_config(args.config, args.overrides)
+    # Checked before the model loads, which can take minutes.
+    run_directory.prepare(config, resume=args.resume, overwrite=args.overwrite)
     model_path = trainer.resolve_model_path(config.model.path)
     if config.demo.enabled:
         config = demo.prepare_data(config, model_path)
 
     setup = trainer.build_setup(config, model_path=model_path)
-    last = trainer.train(config, resume=args.resume, setup=setup)
+    last = trainer.train(config, resume=args.resume, overwrite=args.overwrite, setup=setup)
 
     if config.demo.enabled:
         print(demo.before_after_table(config, model_path, last["adapters"], trainer.lora_layers(config), last))

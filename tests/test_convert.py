@@ -114,6 +114,18 @@ def test_params_tree_is_model_state(tmp_path, name):
         assert "lm_head" not in params
 
 
+def test_params_directory_loads_for_training(tmp_path):
+    source = save_hf(TINY_MODELS["llama_untied_gqa"](), tmp_path / "source")
+    convert_to_orbax(source, tmp_path / "params")
+
+    expected = nnx.to_pure_dict(nnx.state(load_model(source, num_layers=2).model))
+    actual = nnx.to_pure_dict(nnx.state(load_model(tmp_path / "params", num_layers=2).model))
+
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_export_loads_in_transformers(tmp_path, name):
     hf_model = TINY_MODELS[name]()

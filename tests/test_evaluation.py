@@ -412,3 +412,14 @@ def test_benchmark_best_matmul_per_framework(capsys):
     benchmark.print_projection_matmuls(best)
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.split() == ["down", "jax", "150.0", "torch", "300.0", "torch/jax", "2.00x"]
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("evaluate", ["--trained", "run", "--limit", "0"]),
+    ("attack", ["--trained", "run", "--batch-size", "0"]),
+    ("probe", ["train", "--model", "run", "--steps", "-1"]),
+])
+def test_script_counts_must_be_positive(script, argv, capsys):
+    with pytest.raises(SystemExit):
+        load_script(script).parse_args(argv)
+    assert "must be at least 1" in capsys.readouterr().err

@@ -49,11 +49,43 @@ def test_resume_is_bit_identical(tmp_path, tiny_model_dir):
 
     interrupted_config = run_config(tmp_path, tiny_model_dir, "interrupted")
     run(interrupted_config, stop_after=3)
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    # A run killed after logging step 4, before its next checkpoint, and in the middle of a line.
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')
     resumed = run(interrupted_config, resume=True)
 
     for a, b in zip(jax.tree.leaves(straight["adapters"]), jax.tree.leaves(resumed["adapters"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert resumed["step"] == straight["step"] == 6
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, tiny_model_dir):
+    config = run_config(tmp_path, tiny_model_dir, "out", steps=3)
+    run(config)
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+
+    with pytest.raises(FileExistsError, match="already contains a training run .* --resume .* --overwrite"):
+        trainer.train(config, setup=None)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == checkpoints
+
+    run(config, overwrite=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_resume_with_changed_settings_rejected(tmp_path, tiny_model_dir):
+    config = run_config(tmp_path, tiny_model_dir, "out", steps=3)
+    run(config)
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    changed = config_from_dict({**_raw(config), "lora": {"r": 8, "alpha": 8, "dropout": 0.05},
+                                "train": {**_raw(config)["train"], "steps": 5}})
+
+    with pytest.raises(ValueError, match=r"cannot resume .*: lora.r is 8 here but 4 in the run; train.steps is 5 here but 3 in the run\."):
+        trainer.train(changed, resume=True, setup=None)
+    assert (tmp_path / "out" / "config.yaml").read_text() == saved
 
 
 def test_run_directory_contents(tmp_path, tiny_model_dir):
@@ -126,3 +158,51 @@ def _raw(config):
     }
     raw["demo"] = {}
     return raw
+
+
+def test_tokenizer_without_files_rejected(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cbjax.tokenizer import load_tokenizer
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="into no tokens; the model folder is probably missing its tokenizer files"):
+        load_tokenizer(str(tmp_path))
+
+
+def load_train_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    spec = importlib.util.spec_from_file_location("script_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_overrides_on_both_sides_of_flags():
+    args = load_train_script().parse_args(["--config", "c.yaml", "train.steps=2", "--resume", "loss.alpha=5"])
+
+    assert args.resume
+    assert args.overrides == ["train.steps=2", "loss.alpha=5"]
+
+
+def test_train_resume_and_overwrite_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        load_train_script().parse_args(["--resume", "--overwrite"])
+    assert "--resume and --overwrite exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", "config key 'train.steps' must be an integer, got 'abc'"),
+    ("train.steps=4.5", "config key 'train.steps' must be an integer, got 4.5"),
+    ("train.steps=true", "config key 'train.steps' must be an integer, got True"),
+    ("loss.target_layers=5", "config key 'loss.target_layers' must be a list, got 5"),
+    ("optim.learning_rate=fast", "config key 'optim.learning_rate' must be a number, got 'fast'"),
+])
+def test_override_of_wrong_type_rejected(tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  target_layers: [10, 20]\n")
+    with pytest.raises(ValueError, match=message):
+        load_config(path, [override])

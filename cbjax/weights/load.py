@@ -110,6 +110,14 @@ def _to_device(array: np.ndarray, dtype, sharding) -> jax.Array:
     )
 
 
+def directory_source(directory: Path) -> TensorSource:
+    """Open a Hugging Face checkpoint directory, or an Orbax params directory from `convert/hf_to_orbax`."""
+    # Imported here because the converters import this module.
+    from cbjax.convert.orbax_params import OrbaxParams, is_params_dir
+
+    return OrbaxParams(directory) if is_params_dir(directory) else HFCheckpoint(directory)
+
+
 def peek_config(name_or_path: str | os.PathLike) -> ModelConfig:
     """Read only the architecture of a model directory, hub id or GGUF file."""
     path = Path(name_or_path)
@@ -129,7 +137,7 @@ def load_model(
     num_layers: int | None = None,
     sharding_for=None,
 ) -> LoadedModel:
-    """Load a model from a Hugging Face directory, a hub id, or a `.gguf` file.
+    """Load a model from a Hugging Face directory, an Orbax params directory, a hub id, or a `.gguf` file.
 
     `num_layers` keeps only the first layers (layer dropping for training); the rest are never read.
     """
@@ -143,7 +151,7 @@ def load_model(
     else:
         directory = resolve_model_dir(str(name_or_path))
         hf_config = read_config(directory)
-        source = HFCheckpoint(directory)
+        source = directory_source(directory)
         origin = str(directory)
 
     config = from_hf_config(hf_config, source=f"{origin} config")
