@@ -84,6 +84,13 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     demo: DemoSection = DemoSection()
 
+    def __post_init__(self):
+        if self.data.batch_size % self.train.accumulation_steps:
+            raise ValueError(
+                f"data.batch_size {self.data.batch_size} does not split into train.accumulation_steps "
+                f"{self.train.accumulation_steps} micro-batches; use a multiple of it"
+            )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -92,6 +92,7 @@ def build_setup(config: Config, model_path: str | None = None, tokenizer=None, d
     check_target_layers(full_config, config)
     check_sequence_lengths(full_config, config)
     mesh = make_mesh(config.mesh)
+    check_batch_split(config, mesh)
     rules = dict(LOGICAL_AXIS_RULES)
     graphdef, adapters, frozen, adapted = load_adapted_model(config, model_path, mesh, rules)
 
@@ -143,6 +144,16 @@ def check_sequence_lengths(full_config, config: Config) -> None:
                 f"{row_kind} are {length} tokens long, but this GPT-2 model has "
                 f"{full_config.max_position_embeddings} learned positions (n_positions); shorten them"
             )
+
+
+def check_batch_split(config: Config, mesh) -> None:
+    """Raise before loading if the batch rows cannot be spread evenly over the data-parallel devices."""
+    groups = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.data.batch_size % groups:
+        raise ValueError(
+            f"data.batch_size {config.data.batch_size} does not split over the {groups} data-parallel devices "
+            f"of mesh {dict(mesh.shape)} (data x fsdp); use a multiple of {groups}"
+        )
 
 
 def parameter_counts(setup: Setup) -> dict[str, float]:

@@ -206,3 +206,17 @@ def test_override_of_wrong_type_rejected(tmp_path, override, message):
     path.write_text("loss:\n  target_layers: [10, 20]\n")
     with pytest.raises(ValueError, match=message):
         load_config(path, [override])
+
+
+def test_batch_not_splitting_into_micro_batches_rejected():
+    with pytest.raises(ValueError, match="data.batch_size 4 does not split into train.accumulation_steps 3"):
+        config_from_dict({"data": {"batch_size": 4}, "train": {"accumulation_steps": 3}})
+
+
+def test_batch_not_splitting_over_mesh_rejected():
+    from types import SimpleNamespace
+
+    config = config_from_dict({"data": {"batch_size": 3}})
+    mesh = SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ValueError, match="data.batch_size 3 does not split over the 2 data-parallel devices"):
+        trainer.check_batch_split(config, mesh)
