@@ -17,7 +17,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from cbjax import lora as lora_lib
-from cbjax import run_directory
+from cbjax import preflight, run_directory
 from cbjax.checkpoint import Checkpointer
 from cbjax.config import Config
 from cbjax.data.batches import CircuitBreakerData
@@ -89,10 +89,12 @@ def build_setup(config: Config, model_path: str | None = None, tokenizer=None, d
     """Load the model truncated after the highest target layer, attach adapters, build the data."""
     model_path = resolve_model_path(model_path or config.model.path)
     full_config = peek_config(model_path)
-    check_target_layers(full_config, config)
-    check_sequence_lengths(full_config, config)
+    preflight.check_target_layers(full_config, config)
+    preflight.check_sequence_lengths(full_config, config)
     mesh = make_mesh(config.mesh)
-    check_batch_split(config, mesh)
+    preflight.check_batch_split(config, mesh)
+    if data is None:
+        preflight.check_data_files(config)
     rules = dict(LOGICAL_AXIS_RULES)
     graphdef, adapters, frozen, adapted = load_adapted_model(config, model_path, mesh, rules)
 
@@ -120,40 +122,6 @@ def load_adapted_model(config: Config, model_path: str, mesh, rules: dict):
     adapted = lora_lib.add_lora(loaded.model, config.lora, lora_layers(config), seed=config.train.seed)
     graphdef, adapters, frozen = lora_lib.split_lora(loaded.model)
     return graphdef, adapters, frozen, adapted
-
-
-def check_target_layers(full_config, config: Config) -> None:
-    for layer in config.loss.target_layers:
-        full_config.check_layer(layer, "loss.target_layers entry")
-        if layer == 0:
-            raise ValueError("loss.target_layers entry 0 is the embedding output, which adapters cannot change")
-
-
-def check_sequence_lengths(full_config, config: Config) -> None:
-    """Reject rows longer than a model with learned positions (GPT-2) has positions for."""
-    if full_config.family != "gpt2":
-        return
-    data = config.data
-    rows = {
-        "rerouting rows (data.request_length + data.response_length)": data.request_length + data.response_length,
-        "retain rows (data.retain_length)": data.retain_length,
-    }
-    for row_kind, length in rows.items():
-        if length > full_config.max_position_embeddings:
-            raise ValueError(
-                f"{row_kind} are {length} tokens long, but this GPT-2 model has "
-                f"{full_config.max_position_embeddings} learned positions (n_positions); shorten them"
-            )
-
-
-def check_batch_split(config: Config, mesh) -> None:
-    """Raise before loading if the batch rows cannot be spread evenly over the data-parallel devices."""
-    groups = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.data.batch_size % groups:
-        raise ValueError(
-            f"data.batch_size {config.data.batch_size} does not split over the {groups} data-parallel devices "
-            f"of mesh {dict(mesh.shape)} (data x fsdp); use a multiple of {groups}"
-        )
 
 
 def parameter_counts(setup: Setup) -> dict[str, float]:

@@ -11,7 +11,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from cbjax import lora as lora_lib
-from cbjax import trainer
+from cbjax import preflight, trainer
 from cbjax.config import load_config
 from cbjax.losses import LossConfig
 from cbjax.weights.load import load_model, peek_config
@@ -44,8 +44,8 @@ def test_config_validates_against_architecture(tmp_path, name):
     STAND_INS[name]().save_pretrained(tmp_path)
 
     architecture = peek_config(tmp_path)
-    trainer.check_target_layers(architecture, config)
-    trainer.check_sequence_lengths(architecture, config)
+    preflight.check_target_layers(architecture, config)
+    preflight.check_sequence_lengths(architecture, config)
     layers = trainer.lora_layers(config)
 
     assert max(layers) < config.loss.max_target_layer <= architecture.num_layers
@@ -60,14 +60,14 @@ def test_target_beyond_depth_is_an_error(tmp_path, name):
     architecture = peek_config(tmp_path)
     config = load_config(CONFIGS / name, [f"loss.target_layers=[2, {architecture.num_layers + 1}]"])
     with pytest.raises(ValueError, match=f"entry {architecture.num_layers + 1} is out of range"):
-        trainer.check_target_layers(architecture, config)
+        preflight.check_target_layers(architecture, config)
 
 
 def test_rows_past_gpt2_positions_raise(tmp_path):
     STAND_INS["gpt2.yaml"]().save_pretrained(tmp_path)
     config = load_config(CONFIGS / "gpt2.yaml", ["data.retain_length=1025"])
     with pytest.raises(ValueError, match=r"retain rows \(data.retain_length\) are 1025 tokens long, .* 1024 learned"):
-        trainer.check_sequence_lengths(peek_config(tmp_path), config)
+        preflight.check_sequence_lengths(peek_config(tmp_path), config)
 
 
 FAMILIES = {

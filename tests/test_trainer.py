@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from cbjax import trainer
+from cbjax import preflight, trainer
 from cbjax.config import config_from_dict, load_config
 from tests.hf_reference import save_tiny_model
 from tests.test_data import data_config, make_tokenizer
@@ -219,4 +219,16 @@ def test_batch_not_splitting_over_mesh_rejected():
     config = config_from_dict({"data": {"batch_size": 3}})
     mesh = SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1})
     with pytest.raises(ValueError, match="data.batch_size 3 does not split over the 2 data-parallel devices"):
-        trainer.check_batch_split(config, mesh)
+        preflight.check_batch_split(config, mesh)
+
+
+def test_missing_data_file_rejected_before_loading(tmp_path, tiny_model_dir, monkeypatch):
+    raw = _raw(run_config(tmp_path, tiny_model_dir, "bad"))
+    raw["data"]["retain"] = [str(tmp_path / "absent.jsonl")]
+
+    def never_load(*args):
+        raise AssertionError("the model was loaded before the data files were checked")
+
+    monkeypatch.setattr(trainer, "load_adapted_model", never_load)
+    with pytest.raises(ValueError, match=r"data file not found: .*absent\.jsonl"):
+        trainer.build_setup(config_from_dict(raw))

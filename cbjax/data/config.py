@@ -7,6 +7,7 @@ keys so that a misspelt option fails loudly instead of silently keeping its defa
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 
@@ -135,6 +136,14 @@ class DataConfig:
                 fields["plain_text_tags"], f"{where}.plain_text_tags"
             )
         return cls(**fields)
+
+    def missing_files(self, local_suffixes: tuple[str, ...]) -> list[str]:
+        """Return the paths of local data files (by suffix) that do not exist, in config order."""
+        sources = self.rerouting + [source for group in self.retain_sets().values() for source in group]
+        return [
+            source.path for source in sources
+            if Path(source.path).suffix.lower() in local_suffixes and not Path(source.path).exists()
+        ]
 
     def retain_sets(self) -> dict[str, list[SourceConfig]]:
         """Return the source lists that make up the retain mix, by config key."""
