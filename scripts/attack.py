@@ -56,7 +56,7 @@ def load_prompts(args) -> list[tuple[str, str]]:
         eval_sets = [sets_lib.load_set(spec, args.limit) for spec in specs]
     else:
         shared = [s for s in sets_lib.shared_data_specs(args.shared_data) if s.role == "harmful_prompts"]
-        eval_sets = [s for s in sets_lib.demo_sets() if s.role == "harmful_prompts"]
+        eval_sets = [s for s in sets_lib.demo_sets(args.limit) if s.role == "harmful_prompts"]
         eval_sets += [sets_lib.load_set(spec, args.limit) for spec in shared]
     return [(s.name, prompt) for s in eval_sets for prompt in s.prompts]
 

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if not specs:
         specs = sets_lib.shared_data_specs(args.shared_data)
         if not args.no_demo_sets:
-            eval_sets += sets_lib.demo_sets()
+            eval_sets += sets_lib.demo_sets(args.limit)
     eval_sets += [sets_lib.load_set(spec, args.limit) for spec in specs]
     if not eval_sets:
         raise SystemExit("no evaluation set: pass --sets, or drop --no-demo-sets")

@@ -423,3 +423,15 @@ def test_script_counts_must_be_positive(script, argv, capsys):
     with pytest.raises(SystemExit):
         load_script(script).parse_args(argv)
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_demo_sets_follow_the_limit():
+    from cbjax.data import demo_prompts
+    from cbjax.evaluation.sets import demo_sets
+
+    full = {s.name: s for s in demo_sets()}
+    limited = {s.name: s for s in demo_sets(limit=2)}
+
+    assert len(full["demo_harmful"].examples) == len(demo_prompts.HARMFUL_HELD_OUT)
+    assert [len(s.examples) for s in limited.values()] == [2, 2]
+    assert limited["demo_harmful"].examples[1] == full["demo_harmful"].examples[len(full["demo_harmful"].examples) // 2]

@@ -117,10 +117,11 @@ def shared_data_specs(directory: str | Path) -> list[SetSpec]:
     return specs
 
 
-def demo_sets() -> list[EvalSet]:
-    """Return the demo's held-out prompts, which are never in the training data."""
+def demo_sets(limit: int | None = None) -> list[EvalSet]:
+    """Return the demo's held-out prompts, which are never in the training data, at most `limit` per set."""
     def prompts(name, role, texts):
-        return EvalSet(name, role, tuple(Example(text, "", f"{name} prompt {i + 1}") for i, text in enumerate(texts)))
+        examples = [Example(text, "", f"{name} prompt {i + 1}") for i, text in enumerate(texts)]
+        return EvalSet(name, role, tuple(spread(examples, limit)))
 
     return [
         prompts("demo_harmful", "harmful_prompts", demo_prompts.HARMFUL_HELD_OUT),
@@ -128,13 +129,18 @@ def demo_sets() -> list[EvalSet]:
     ]
 
 
+def spread(examples: list, limit: int | None) -> list:
+    """Return at most `limit` of `examples`, evenly spaced over the list."""
+    if limit is None or len(examples) <= limit:
+        return list(examples)
+    step = len(examples) / limit
+    return [examples[int(i * step)] for i in range(limit)]
+
+
 def load_set(spec: SetSpec, limit: int | None) -> EvalSet:
     """Load one set and keep at most `limit` rows, spread evenly over the set so that every part of it
     (categories are often stored in blocks) is represented."""
-    examples = load_source(spec.source)
-    if limit is not None and len(examples) > limit:
-        step = len(examples) / limit
-        examples = [examples[int(i * step)] for i in range(limit)]
+    examples = spread(load_source(spec.source), limit)
     if spec.role.endswith("_prompts"):
         examples = [dataclasses.replace(e, completion="") for e in examples]
     return EvalSet(spec.name, spec.role, tuple(examples))
