@@ -82,16 +82,16 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """
     if jax.process_index() != 0 or not path.exists():
         return
-    kept = []
+    lines_to_keep = []
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if record.get("step", 0) <= last_step:
-            kept.append(line + "\n")
+            lines_to_keep.append(line + "\n")
     temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(kept))
+    temporary.write_text("".join(lines_to_keep))
     temporary.replace(path)
 
 

@@ -134,9 +134,13 @@ def test_gpt2_unsupported_config_rejected(tmp_path):
         load_model(tmp_path)
 
 
-def test_gpt2_input_past_positions_raises(tmp_path):
-    directory = save_variant(tiny_gpt2(n_positions=8), tmp_path, "single")[0]
-    model = load_model(directory).model
+@pytest.fixture
+def gpt2_with_8_positions(tmp_path):
+    return load_model(save_variant(tiny_gpt2(n_positions=8), tmp_path, "single")[0]).model
+
+
+def test_gpt2_input_past_positions_raises(gpt2_with_8_positions):
+    model = gpt2_with_8_positions
     ids = np.zeros((1, 9), np.int32)
 
     assert np.all(np.isfinite(np.asarray(model(ids[:, :8]).logits)))
@@ -144,12 +148,10 @@ def test_gpt2_input_past_positions_raises(tmp_path):
         model(ids)
 
 
-def test_gpt2_generation_past_positions_raises(tmp_path):
+def test_gpt2_generation_past_positions_raises(gpt2_with_8_positions):
     from cbjax.generate import generate
 
-    directory = save_variant(tiny_gpt2(n_positions=8), tmp_path, "single")[0]
-    model = load_model(directory).model
     ids = np.ones((1, 5), np.int32)
 
     with pytest.raises(ValueError, match="reaches 9 positions, but this GPT-2 model has only 8"):
-        generate(model, ids, np.ones_like(ids), max_new_tokens=4, eos_token_ids=[0], pad_token_id=0)
+        generate(gpt2_with_8_positions, ids, np.ones_like(ids), max_new_tokens=4, eos_token_ids=[0], pad_token_id=0)

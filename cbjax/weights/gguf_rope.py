@@ -12,7 +12,6 @@ the frequencies. So the file's `original_context_length` serves, or Llama 3.1's 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,8 @@ def llama3_scaling_from_factors(
 
     original_context = original_context or LLAMA31_ORIGINAL_CONTEXT
     factor = float(factors.max())
-    inverse_wavelength = base_inverse_frequencies(rope_theta, head_dim) / (2 * math.pi)
+    unscaled = inverse_frequencies(rope_config(rope_theta, head_dim, None)).astype(np.float64)
+    inverse_wavelength = unscaled / (2 * math.pi)
     between = (factors > 1 + FACTOR_RTOL) & (factors < factor * (1 - FACTOR_RTOL))
     if between.sum() < 2:
         raise_unmatched(path, factors, f"only {between.sum()} of them lie strictly between 1 and {factor:g}")
@@ -69,19 +69,20 @@ def llama3_scaling_from_factors(
     return scaling
 
 
-def base_inverse_frequencies(rope_theta: float, head_dim: int) -> np.ndarray:
-    return 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def rope_config(rope_theta: float, head_dim: int, scaling: dict[str, Any] | None) -> ModelConfig:
+    """Return a one-head config with only the fields that `inverse_frequencies` reads set for real."""
+    return ModelConfig(
+        family="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1, num_heads=1,
+        num_kv_heads=1, head_dim=head_dim, norm_eps=1e-6, max_position_embeddings=1, tie_word_embeddings=True,
+        rope_theta=rope_theta, rope_scaling=None if scaling is None else RopeScaling(**scaling),
+    )
 
 
 def llama3_factors(rope_theta: float, head_dim: int, scaling: dict[str, Any]) -> np.ndarray:
     """Return base / scaled frequency for each rotary frequency under cbjax's own llama3 scaling."""
-    config = ModelConfig(
-        family="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1, num_heads=1,
-        num_kv_heads=1, head_dim=head_dim, norm_eps=1e-6, max_position_embeddings=1, tie_word_embeddings=True,
-        rope_theta=rope_theta, rope_scaling=RopeScaling(**scaling),
-    )
-    unscaled = inverse_frequencies(dataclasses.replace(config, rope_scaling=None))
-    return unscaled.astype(np.float64) / inverse_frequencies(config).astype(np.float64)
+    unscaled = inverse_frequencies(rope_config(rope_theta, head_dim, None))
+    scaled = inverse_frequencies(rope_config(rope_theta, head_dim, scaling))
+    return unscaled.astype(np.float64) / scaled.astype(np.float64)
 
 
 def raise_unmatched(path: Path, factors: np.ndarray, reason: str) -> None:
